@@ -1,0 +1,278 @@
+"""Serve a quart-trio (or any ASGI) app on hypercorn's trio worker.
+
+This is the one module that knows how hypercorn is driven; the mock provider and the
+gateway both serve through it::
+
+    app = create_app(...)
+    app.asgi_http_class = ShieldedHTTPConnection   # quart-trio apps: see the class
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(partial(serve, app, host="127.0.0.1", port=0))
+        ...  # urls == ["http://127.0.0.1:53117"]
+
+or, for a command-line entry point, ``run(app, host=..., port=...)``, which serves until
+SIGINT or SIGTERM.
+
+What it adds to ``hypercorn.trio.serve``:
+
+- ``task_status.started(urls)`` reports the addresses actually bound, so port 0 works.
+- At shutdown the listeners are closed first (new connections are refused at once),
+  idle keep-alive connections are closed, and in-flight requests get
+  ``graceful_timeout`` seconds before they are cancelled.
+- Every HTTP request scope carries an abort function under ``ABORT_EXTENSION`` in
+  ``scope["extensions"]``: awaiting it resets the TCP connection (the peer sees a
+  connection reset, not a response). The mock provider's ``reset`` fault uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.utils import repr_socket_addr
+from quart_trio.asgi import TrioASGIHTTPConnection
+
+__all__ = [
+    "ABORT_EXTENSION",
+    "ShieldedHTTPConnection",
+    "hypercorn_config",
+    "run",
+    "serve",
+    "serve_until_signalled",
+]
+
+log = logging.getLogger(__name__)
+
+#: Key in ``scope["extensions"]`` of an async function that resets the connection.
+ABORT_EXTENSION = "orchestrator.hosting.abort"
+
+#: SO_LINGER on, with a zero timeout: close() sends RST instead of FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ShieldedHTTPConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, with the response's final send shielded.
+
+    Set it as a QuartTrio app's ``asgi_http_class``. The final ``http.response.body``
+    send runs hypercorn's end-of-response clean-up inline; part of that clean-up delivers
+    ``http.disconnect`` back to quart-trio, which cancels the request's nursery -- and so
+    cancels the rest of the clean-up, half done. Idle keep-alive connections are then
+    never closed, a connection stays open after an early 413, and a graceful shutdown
+    waits the whole grace period for kept-alive clients. Shielding that one send lets
+    the clean-up finish. It only runs hypercorn's bookkeeping and a socket write that
+    hypercorn already shields, so it cannot hang where an unshielded send would not.
+    """
+
+    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
+        async def send_shielding_last(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await super()._send_response(send_shielding_last, response)
+
+
+def hypercorn_config(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    graceful_timeout: float = 3.0,
+    keep_alive_timeout: float = 5.0,
+    max_header_bytes: int = 16 * 1024,
+) -> Config:
+    """A hypercorn ``Config`` for one plain-HTTP listener on ``host:port``.
+
+    ``graceful_timeout`` is how long in-flight requests may run after shutdown starts;
+    ``keep_alive_timeout`` is how long an idle kept-alive connection stays open;
+    ``max_header_bytes`` bounds a request's head (h11 answers 431 past it). The access
+    log is off (it costs a line per request), and hypercorn's own errors go to the
+    ``hypercorn.error`` logger so that the caller's logging configuration applies.
+    """
+    config = Config()
+    bind_host = f"[{host}]" if ":" in host else host
+    config.bind = [f"{bind_host}:{port}"]
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = keep_alive_timeout
+    config.h11_max_incomplete_size = max_header_bytes
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve(
+    app: ASGIFramework,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    graceful_timeout: float = 3.0,
+    keep_alive_timeout: float = 5.0,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``shutdown_trigger()`` returns, then shut down gracefully.
+
+    Blocks for the server's whole life. Runs the app's lifespan startup before binding
+    is reported, reports the bound URLs (``["http://127.0.0.1:8001"]``) through
+    ``task_status``, and accepts connections until ``shutdown_trigger`` returns (never,
+    when it is None: cancel the caller's scope to stop). Shutdown then closes the
+    listeners, closes idle connections, gives in-flight requests ``graceful_timeout``
+    seconds, cancels what is left, runs the lifespan shutdown and returns.
+
+    Cancelling ``serve`` itself stops everything at once, with no grace period.
+    """
+    config = hypercorn_config(
+        host=host,
+        port=port,
+        graceful_timeout=graceful_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+    )
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(_HypercornApp(app), config, lifespan_state)
+    context = WorkerContext(max_requests=None)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+
+        listeners = []
+        urls = []
+        for sock in config.create_sockets().insecure_sockets:
+            sock.listen(config.backlog)
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+        try:
+            async with trio.open_nursery() as connection_nursery:
+                handler = partial(_Connection, app, config, context, lifespan_state)
+                async with trio.open_nursery() as accept_nursery:
+                    accept_nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            handler,
+                            listeners,
+                            handler_nursery=connection_nursery,
+                        )
+                    )
+                    log.info("serving on %s", ", ".join(urls))
+                    task_status.started(urls)
+                    await (shutdown_trigger or trio.sleep_forever)()
+                    accept_nursery.cancel_scope.cancel()
+                log.info("shutting down %s", ", ".join(urls))
+                # Idle keep-alive connections watch this event and close themselves;
+                # busy ones see it when their response ends and do not recycle.
+                await context.terminated.set()
+                connection_nursery.cancel_scope.deadline = (
+                    trio.current_time() + graceful_timeout
+                )
+        finally:
+            # serve_listeners closes them as it is cancelled; this covers being
+            # cancelled before it started. Closing twice is harmless.
+            for listener in listeners:
+                listener.socket.close()
+
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+async def serve_until_signalled(
+    app: ASGIFramework,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    **serve_options: Any,
+) -> None:
+    """``serve(app, **serve_options)`` with SIGINT or SIGTERM as its shutdown trigger.
+
+    The first signal starts a graceful shutdown; a second one cancels at once. Must run
+    in the main thread (signal handling needs it). Returns once the server has stopped.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        first_signal = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
+            await serve(
+                app,
+                shutdown_trigger=first_signal.wait,
+                task_status=task_status,
+                **serve_options,
+            )
+            nursery.cancel_scope.cancel()
+
+
+def run(app: ASGIFramework, **serve_options: Any) -> None:
+    """Block in ``trio.run`` serving ``app`` until SIGINT or SIGTERM (see ``serve``)."""
+    trio.run(partial(serve_until_signalled, app, **serve_options))
+
+
+async def _watch_signals(
+    signals: Any, first_signal: trio.Event, everything: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        if first_signal.is_set():
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            everything.cancel()
+            return
+        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+        first_signal.set()
+
+
+class _HypercornApp:
+    """An ASGI 3 app in hypercorn's calling convention (what ``wrap_app`` builds).
+
+    Given ``abort``, it is also put in every HTTP scope under ``ABORT_EXTENSION``.
+    """
+
+    def __init__(
+        self, app: ASGIFramework, abort: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        self.app = app
+        self.abort = abort
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        sync_spawn: Callable[..., Any],
+        call_soon: Callable[..., Any],
+    ) -> None:
+        if self.abort is not None and scope["type"] == "http":
+            scope["extensions"][ABORT_EXTENSION] = self.abort
+        await self.app(scope, receive, send)
+
+
+class _Connection(TCPServer):
+    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` in HTTP scopes."""
+
+    def __init__(
+        self,
+        app: ASGIFramework,
+        config: Config,
+        context: WorkerContext,
+        state: dict[str, Any],
+        stream: trio.SocketStream,
+    ) -> None:
+        super().__init__(_HypercornApp(app, self.abort), config, context, state, stream)
+
+    async def abort(self) -> None:
+        """Reset the connection: the peer reads ECONNRESET instead of a response.
+
+        hypercorn's read loop then sees the stream closed and tells the app
+        ``http.disconnect``; anything the app sends afterwards is dropped.
+        """
+        transport = getattr(self.stream, "transport_stream", self.stream)
+        try:
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # Already gone: closing is all that is left to do.
+        await transport.aclose()
