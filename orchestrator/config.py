@@ -404,16 +404,15 @@ def _read_provider(name: str, section: _Section, env: Mapping[str, str]) -> Prov
     )
     breaker_section = section.section("breaker")
     base_policy = BreakerPolicy()
+    breaker_settings = dict(
+        failure_threshold=breaker_section.integer("failure_threshold", base_policy.failure_threshold, minimum=1),
+        open_interval=breaker_section.number("open_seconds", base_policy.open_interval, minimum=0.001),
+        max_open_interval=breaker_section.number("max_open_seconds", base_policy.max_open_interval, minimum=0.001),
+    )
     try:
-        breaker = BreakerPolicy(
-            failure_threshold=breaker_section.integer("failure_threshold", base_policy.failure_threshold, minimum=1),
-            open_interval=breaker_section.number("open_seconds", base_policy.open_interval, minimum=0.001),
-            max_open_interval=breaker_section.number(
-                "max_open_seconds", base_policy.max_open_interval, minimum=0.001
-            ),
-        )
-    except ValueError as error:
-        raise ConfigError(f"{breaker_section.key('')[:-1]}: {error}") from None
+        breaker = BreakerPolicy(**breaker_settings)
+    except ValueError as error:  # the cross-field checks: max_open_seconds below open_seconds
+        raise ConfigError(f"{breaker_section.key('max_open_seconds')}: {error}") from None
     breaker_section.finish()
     provider = ProviderConfig(
         name=name,
