@@ -1,0 +1,132 @@
+"""orchestrator.hosting, over real sockets on 127.0.0.1 (port 0)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from quart_trio import QuartTrio
+
+from mock_server import create_app
+from orchestrator.hosting import ShieldedHTTPConnection, serve
+
+
+def gated_app() -> tuple[QuartTrio, trio.Event, trio.Event]:
+    """An app whose ``/slow`` answers only once ``release`` is set."""
+    app = QuartTrio(__name__)
+    app.asgi_http_class = ShieldedHTTPConnection
+    entered, release = trio.Event(), trio.Event()
+
+    @app.get("/slow")
+    async def slow() -> str:
+        entered.set()
+        await release.wait()
+        return "done"
+
+    return app, entered, release
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk
+    return received
+
+
+async def test_port_zero_reports_the_bound_url(nursery):
+    urls = await nursery.start(partial(serve, create_app(), host="127.0.0.1", port=0))
+    [url] = urls
+    host, port = address(url)
+    assert host == "127.0.0.1"
+    assert port > 0
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{url}/health")).json() == {"status": "healthy"}
+
+
+async def test_idle_keep_alive_connections_are_closed(nursery):
+    [url] = await nursery.start(partial(serve, create_app(), keep_alive_timeout=0.2))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: mock\r\n\r\n")
+    answered = trio.current_time()
+    with trio.fail_after(5):
+        received = await read_until_closed(stream)
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.endswith(b'{"status":"healthy"}')
+    # Kept alive for the timeout, then closed by the server.
+    assert trio.current_time() - answered >= 0.15
+    await stream.aclose()
+
+
+async def test_an_early_413_closes_the_connection(nursery):
+    app = create_app()
+    app.config["MAX_CONTENT_LENGTH"] = 1024
+    [url] = await nursery.start(partial(serve, app))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: mock\r\nContent-Length: 100000\r\n\r\n{\"model\":"
+    )
+    with trio.fail_after(5):
+        received = await read_until_closed(stream)
+    assert received.startswith(b"HTTP/1.1 413")
+    await stream.aclose()
+
+
+async def test_shutdown_is_prompt_with_idle_kept_alive_clients():
+    shutdown = trio.Event()
+    async with httpx.AsyncClient() as client:
+        async with trio.open_nursery() as nursery:
+            [url] = await nursery.start(
+                partial(serve, create_app(), graceful_timeout=10, keep_alive_timeout=60, shutdown_trigger=shutdown.wait)
+            )
+            # The client now holds an idle kept-alive connection.
+            assert (await client.get(f"{url}/health")).status_code == 200
+            shutdown.set()
+            started = trio.current_time()
+        assert trio.current_time() - started < 2  # not the 10 s grace period
+
+
+async def test_shutdown_refuses_new_connections_and_finishes_in_flight_requests():
+    app, entered, release = gated_app()
+    shutdown = trio.Event()
+    answers = []
+
+    async def in_flight(url: str) -> None:
+        async with httpx.AsyncClient() as client:
+            answers.append(await client.get(f"{url}/slow"))
+
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, app, graceful_timeout=10, shutdown_trigger=shutdown.wait))
+        nursery.start_soon(in_flight, url)
+        await entered.wait()
+        shutdown.set()
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream(*address(url))
+        release.set()
+    assert [(answer.status_code, answer.text) for answer in answers] == [(200, "done")]
+
+
+async def test_the_grace_period_ends_in_flight_requests():
+    app, entered, _ = gated_app()
+    shutdown = trio.Event()
+
+    async def in_flight(url: str) -> None:
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(f"{url}/slow")
+
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, app, graceful_timeout=0.2, shutdown_trigger=shutdown.wait))
+        nursery.start_soon(in_flight, url)
+        await entered.wait()
+        started = trio.current_time()
+        shutdown.set()
+    assert 0.15 <= trio.current_time() - started < 2
