@@ -18,7 +18,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
     404: ("not_found_error", "Not found."),
     405: ("invalid_request_error", "Method not allowed."),
     413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
-    429: ("rate_limit_error", "Number of requests has exceeded your rate limit. Please try again later."),
+    429: ("rate_limit_error", "Number of requests has exceeded your rate limit."),
     500: ("api_error", "Internal server error"),
     501: ("api_error", "Not implemented by this server."),
     504: ("timeout_error", "Request timed out."),
@@ -78,7 +78,9 @@ class AnthropicPersonality:
     def response_id(self, serial: int) -> str:
         return f"msg_mock{serial:016d}"
 
-    def response_body(self, request: ChatRequest, completion: Completion, response_id: str) -> bytes:
+    def response_body(
+        self, request: ChatRequest, completion: Completion, response_id: str
+    ) -> bytes:
         content = [{"type": "text", "text": completion.text}] if completion.pieces else []
         return orjson.dumps(
             {
@@ -113,11 +115,17 @@ class AnthropicPersonality:
             sse_event("message_start", {"type": "message_start", "message": message})
             + sse_event(
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
             )
             + sse_event("ping", {"type": "ping"})
         )
-        tail = sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}) + sse_event(
+        tail = sse_event(
+            "content_block_stop", {"type": "content_block_stop", "index": 0}
+        ) + sse_event(
             "message_delta",
             {
                 "type": "message_delta",
@@ -130,18 +138,29 @@ class AnthropicPersonality:
             pieces=tuple(
                 sse_event(
                     "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece},
+                    },
                 )
                 for piece in completion.pieces
             ),
             tail=tail,
             end=sse_event("message_stop", {"type": "message_stop"}),
-            malformed=b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": \n\n',
+            malformed=(
+                b"event: content_block_delta\n"
+                b'data: {"type": "content_block_delta", "index": 0, "delta": \n\n'
+            ),
         )
 
-    def error_body(self, status: int, message: str | None = None, param: str | None = None) -> bytes:
+    def error_body(
+        self, status: int, message: str | None = None, param: str | None = None
+    ) -> bytes:
         error_type, usual = _ERRORS.get(status, ("api_error", "Error."))
-        return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message or usual}})
+        return orjson.dumps(
+            {"type": "error", "error": {"type": error_type, "message": message or usual}}
+        )
 
 
 ANTHROPIC = AnthropicPersonality()
@@ -153,7 +172,9 @@ def _message(index: int, message: object) -> tuple[str, str]:
         raise InvalidRequest(f"{where}: Input should be a valid dictionary", where)
     role = message.get("role")
     if role not in _ROLES:
-        raise InvalidRequest(f"{where}.role: Input should be 'user' or 'assistant'", f"{where}.role")
+        raise InvalidRequest(
+            f"{where}.role: Input should be 'user' or 'assistant'", f"{where}.role"
+        )
     if "content" not in message:
         raise InvalidRequest(f"{where}.content: Field required", f"{where}.content")
     return role, _text(message["content"], f"{where}.content")

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import trio
@@ -119,7 +118,9 @@ def create_app(state: MockState | None = None) -> QuartTrio:
         # 404, 405, 413, ...: in the format of the personality the client was talking to.
         personality = ANTHROPIC if request.path.endswith(ANTHROPIC.path) else OPENAI
         status = error.code or 400
-        return Response(personality.error_body(status, error.description), status, content_type=_JSON)
+        return Response(
+            personality.error_body(status, error.description), status, content_type=_JSON
+        )
 
     return app
 
@@ -134,7 +135,7 @@ async def _model_request(state: MockState, personality: Personality, delay_ms: i
             personality,
             body,
             request.headers.get(FAULT_HEADER),
-            request.scope["extensions"].get(ABORT_EXTENSION),
+            (request.scope.get("extensions") or {}).get(ABORT_EXTENSION),
             delay_ms,
         )
     except trio.Cancelled:
@@ -147,7 +148,7 @@ async def _answer(
     personality: Personality,
     body: bytes,
     fault_header: str | None,
-    abort: Any,
+    abort: Callable[[], Awaitable[None]] | None,
     delay_ms: int,
 ) -> Response:
     personality_state = state[personality.name]
@@ -211,7 +212,9 @@ async def _answer(
         return Response(_play(script, fault, profile, stats), 200, _SSE_HEADERS)
     if fault is FaultKind.SLOW_FIRST_TOKEN:
         await trio.sleep(profile.first_token_delay_seconds)
-    return Response(personality.response_body(chat, completion, response_id), 200, content_type=_JSON)
+    return Response(
+        personality.response_body(chat, completion, response_id), 200, content_type=_JSON
+    )
 
 
 async def _play(
@@ -271,7 +274,9 @@ def _error(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    return Response(personality.error_body(status, message, param), status, headers, content_type=_JSON)
+    return Response(
+        personality.error_body(status, message, param), status, headers, content_type=_JSON
+    )
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -288,7 +293,5 @@ _DEFAULTS = FaultProfile().to_json()
 
 
 def _describe(profile: FaultProfile) -> str:
-    changed = {
-        name: value for name, value in profile.to_json().items() if value != _DEFAULTS[name]
-    }
+    changed = {name: value for name, value in profile.to_json().items() if value != _DEFAULTS[name]}
     return ", ".join(f"{name}={value}" for name, value in changed.items()) or "healthy"

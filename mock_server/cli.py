@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except* OSError as group:
         # Binding failed (port in use, address not ours): say so, without a traceback.
         reasons = "; ".join(str(error) for error in _leaves(group))
-        raise SystemExit(f"mock-provider: cannot serve on {args.host}:{args.port}: {reasons}") from None
+        raise SystemExit(
+            f"mock-provider: cannot serve on {args.host}:{args.port}: {reasons}"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,11 +43,20 @@ def _parser() -> argparse.ArgumentParser:
         prog="mock-provider",
         description="A fake OpenAI and Anthropic API that breaks on command.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8001, help="port to bind, 0 for any (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the fault generators (default: random)")
     parser.add_argument(
-        "--latency-ms", type=_non_negative, default=0.0, help="latency added to every model response (default: 0)"
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8001, help="port to bind, 0 for any (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the fault generators (default: random)"
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=_non_negative,
+        default=0.0,
+        help="latency added to every model response (default: 0)",
     )
     parser.add_argument(
         "--log-level",

@@ -254,7 +254,7 @@ def decide(
     draws = [rng.random() for _ in DECISION_ORDER]
     if forced is not None:
         return Decision(forced, _status(forced, server_error_statuses, 0))
-    for kind, draw in zip(DECISION_ORDER, draws):
+    for kind, draw in zip(DECISION_ORDER, draws, strict=True):
         if kind in STREAM_ONLY and not streaming:
             continue
         probability = profile.probability(kind)

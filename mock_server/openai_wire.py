@@ -19,8 +19,8 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
     404: ("invalid_request_error", None, "Invalid URL."),
     405: ("invalid_request_error", None, "Method not allowed."),
     413: ("invalid_request_error", None, "Request body too large."),
-    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests. Please try again later."),
-    500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests."),
+    500: ("server_error", None, "The server had an error while processing your request."),
     501: ("server_error", None, "Not implemented by this server."),
     503: ("server_error", None, "The engine is currently overloaded, please try again later."),
     504: ("server_error", "timeout", "Request timed out."),
@@ -89,7 +89,9 @@ class OpenAIPersonality:
     def response_id(self, serial: int) -> str:
         return f"chatcmpl-mock{serial:010d}"
 
-    def response_body(self, request: ChatRequest, completion: Completion, response_id: str) -> bytes:
+    def response_body(
+        self, request: ChatRequest, completion: Completion, response_id: str
+    ) -> bytes:
         return orjson.dumps(
             {
                 "id": response_id,
@@ -99,7 +101,11 @@ class OpenAIPersonality:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                        "message": {
+                            "role": "assistant",
+                            "content": completion.text,
+                            "refusal": None,
+                        },
                         "logprobs": None,
                         "finish_reason": completion.finish.value,
                     }
@@ -122,7 +128,12 @@ class OpenAIPersonality:
                     "created": created,
                     "model": request.model,
                     "choices": [
-                        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                        {
+                            "index": 0,
+                            "delta": delta,
+                            "logprobs": None,
+                            "finish_reason": finish_reason,
+                        }
                     ],
                 }
             )
@@ -147,10 +158,19 @@ class OpenAIPersonality:
             malformed=b'data: {"id": "' + response_id.encode() + b'", "choices": [{"delta": \n\n',
         )
 
-    def error_body(self, status: int, message: str | None = None, param: str | None = None) -> bytes:
+    def error_body(
+        self, status: int, message: str | None = None, param: str | None = None
+    ) -> bytes:
         error_type, code, usual = _ERRORS.get(status, ("invalid_request_error", None, "Error."))
         return orjson.dumps(
-            {"error": {"message": message or usual, "type": error_type, "param": param, "code": code}}
+            {
+                "error": {
+                    "message": message or usual,
+                    "type": error_type,
+                    "param": param,
+                    "code": code,
+                }
+            }
         )
 
 

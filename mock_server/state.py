@@ -36,7 +36,11 @@ class Stats:
     disconnects: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"requests": self.requests, "outcomes": dict(self.outcomes), "disconnects": self.disconnects}
+        return {
+            "requests": self.requests,
+            "outcomes": dict(self.outcomes),
+            "disconnects": self.disconnects,
+        }
 
 
 @attrs.define

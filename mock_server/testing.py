@@ -12,6 +12,7 @@ It works on any server speaking those formats, the gateway included.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -29,7 +30,9 @@ PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 MALFORMED: Any = type("Malformed", (), {"__repr__": lambda self: "MALFORMED"})()
 
 
-def body_for(personality: str, *, stream: bool = False, content: str = "test", **fields: Any) -> dict:
+def body_for(
+    personality: str, *, stream: bool = False, content: str = "test", **fields: Any
+) -> dict:
     """A minimal valid request body for ``personality``; ``fields`` are added or replace."""
     body: dict[str, Any] = {"model": "gpt-4", "messages": [{"role": "user", "content": content}]}
     if personality == "anthropic":
@@ -126,7 +129,7 @@ class Observation:
         content = self.content_events
         if content and self.head_at is not None and content[0].at - self.head_at >= slow:
             return "slow_first_token"
-        gaps = [later.at - earlier.at for earlier, later in zip(content, content[1:])]
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(content)]
         if gaps and max(gaps) >= stall:
             return "stream_stall"
         return "ok"
@@ -153,7 +156,9 @@ async def observe(
     received = b""
     head_at = None
     try:
-        async with client.stream("POST", path or PATHS[personality], json=body, headers=headers) as response:
+        async with client.stream(
+            "POST", path or PATHS[personality], json=body, headers=headers
+        ) as response:
             head_at = trio.current_time() - start
             pending = b""
             async for chunk in response.aiter_raw():
@@ -164,7 +169,14 @@ async def observe(
                 events.extend(Event(now, raw) for raw in complete)
     except httpx.TransportError as error:
         return Observation(
-            personality, None, httpx.Headers(), trio.current_time() - start, head_at, received, (), error
+            personality,
+            None,
+            httpx.Headers(),
+            trio.current_time() - start,
+            head_at,
+            received,
+            (),
+            error,
         )
     is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
     return Observation(

@@ -64,14 +64,17 @@ class Personality(Protocol):
 
     def response_id(self, serial: int) -> str: ...
 
-    def response_body(self, request: ChatRequest, completion: Completion, response_id: str) -> bytes:
-        ...
+    def response_body(
+        self, request: ChatRequest, completion: Completion, response_id: str
+    ) -> bytes: ...
 
     def stream_script(
         self, request: ChatRequest, completion: Completion, response_id: str
     ) -> StreamScript: ...
 
-    def error_body(self, status: int, message: str | None = None, param: str | None = None) -> bytes:
+    def error_body(
+        self, status: int, message: str | None = None, param: str | None = None
+    ) -> bytes:
         """An error in this personality's format; ``message`` None: the status's usual one."""
         ...
 

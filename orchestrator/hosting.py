@@ -25,6 +25,7 @@ What it adds to ``hypercorn.trio.serve``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -172,9 +173,7 @@ async def serve(
                 # Idle keep-alive connections watch this event and close themselves;
                 # busy ones see it when their response ends and do not recycle.
                 await context.terminated.set()
-                connection_nursery.cancel_scope.deadline = (
-                    trio.current_time() + graceful_timeout
-                )
+                connection_nursery.cancel_scope.deadline = trio.current_time() + graceful_timeout
         finally:
             # serve_listeners closes them as it is cancelled; this covers being
             # cancelled before it started. Closing twice is harmless.
@@ -271,8 +270,6 @@ class _Connection(TCPServer):
         ``http.disconnect``; anything the app sends afterwards is dropped.
         """
         transport = getattr(self.stream, "transport_stream", self.stream)
-        try:
+        with contextlib.suppress(OSError):  # Already gone: closing is all that is left.
             transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # Already gone: closing is all that is left to do.
         await transport.aclose()

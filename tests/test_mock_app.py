@@ -46,7 +46,11 @@ async def test_openai_completion_shape(autojump_clock, mock_client):
     assert choice["message"]["content"] == reply_for("test")
     assert choice["finish_reason"] == "stop"
     tokens = count_tokens(reply_for("test"))
-    assert reply["usage"] == {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+    assert reply["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": tokens,
+        "total_tokens": tokens + 1,
+    }
 
 
 async def test_anthropic_message_shape(autojump_clock, mock_client):
@@ -74,9 +78,18 @@ async def test_openai_stream_sequence(autojump_clock, mock_client):
     assert len(seen.content_events) == tokens  # one chunk per token
     assert seen.text == reply_for("test")
     finish, usage, done = data[-3:]
-    assert finish["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert finish["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+    assert usage["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": tokens,
+        "total_tokens": tokens + 1,
+    }
     assert done == "[DONE]"
     assert seen.kind() == "ok"
 
@@ -112,7 +125,9 @@ async def test_anthropic_stream_sequence(autojump_clock, mock_client):
 @pytest.mark.parametrize("stream", [False, True])
 async def test_max_tokens_truncates(autojump_clock, mock_client, personality, stream):
     field = "max_tokens" if personality == "anthropic" else "max_completion_tokens"
-    seen = await observe(mock_client, personality, body=body_for(personality, stream=stream, **{field: 4}))
+    seen = await observe(
+        mock_client, personality, body=body_for(personality, stream=stream, **{field: 4})
+    )
     assert seen.text == " ".join(reply_for("test").split()[:4])
     if personality == "openai" and not stream:
         assert seen.json["choices"][0]["finish_reason"] == "length"
@@ -129,7 +144,9 @@ async def test_max_tokens_truncates(autojump_clock, mock_client, personality, st
 
 async def test_openai_max_tokens_is_also_honoured(autojump_clock, mock_client):
     response = await mock_client.post(PATHS["openai"], json=body_for("openai", max_tokens=2))
-    assert response.json()["choices"][0]["message"]["content"] == " ".join(reply_for("test").split()[:2])
+    assert response.json()["choices"][0]["message"]["content"] == " ".join(
+        reply_for("test").split()[:2]
+    )
 
 
 async def test_content_parts_and_the_last_user_message(autojump_clock, mock_client):
@@ -138,7 +155,10 @@ async def test_content_parts_and_the_last_user_message(autojump_clock, mock_clie
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "an answer"},
-        {"role": "user", "content": [{"type": "text", "text": "second "}, {"type": "text", "text": "question"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "second "}, {"type": "text", "text": "question"}],
+        },
     ]
     reply = (await mock_client.post(PATHS["openai"], json=body)).json()
     assert reply["choices"][0]["message"]["content"] == reply_for("second question")
@@ -147,7 +167,9 @@ async def test_content_parts_and_the_last_user_message(autojump_clock, mock_clie
 
 async def test_both_personalities_give_the_same_reply(autojump_clock, mock_client):
     openai = await observe(mock_client, "openai", body=body_for("openai", content="hello world"))
-    anthropic = await observe(mock_client, "anthropic", body=body_for("anthropic", content="hello world"))
+    anthropic = await observe(
+        mock_client, "anthropic", body=body_for("anthropic", content="hello world")
+    )
     assert openai.text == anthropic.text == reply_for("hello world")
 
 
@@ -165,7 +187,9 @@ def with_prefill(personality: str, prefill: str, *, stream: bool = False) -> dic
 async def test_prefill_gets_only_the_remainder(autojump_clock, mock_client, personality, stream):
     full = reply_for("test")
     prefill = " ".join(full.split()[:3])
-    seen = await observe(mock_client, personality, body=with_prefill(personality, prefill, stream=stream))
+    seen = await observe(
+        mock_client, personality, body=with_prefill(personality, prefill, stream=stream)
+    )
     assert seen.kind() == "ok"
     assert prefill + seen.text == full
     assert seen.text.startswith(" ")
@@ -184,14 +208,18 @@ async def test_prefill_mid_word_continues_the_word(autojump_clock, mock_client):
     assert full[:9] + seen.text == full
 
 
-async def test_anthropic_refuses_prefill_ending_in_whitespace_as_the_real_api(autojump_clock, mock_client):
+async def test_anthropic_refuses_prefill_ending_in_whitespace_as_the_real_api(
+    autojump_clock, mock_client
+):
     seen = await observe(mock_client, "anthropic", body=with_prefill("anthropic", "A close "))
     assert seen.status == 400
     assert "trailing whitespace" in seen.json["error"]["message"]
 
 
 @pytest.mark.parametrize("personality", PERSONALITIES)
-async def test_prefill_unsupported_is_a_400_in_the_personality_format(autojump_clock, mock_client, personality):
+async def test_prefill_unsupported_is_a_400_in_the_personality_format(
+    autojump_clock, mock_client, personality
+):
     await configure(mock_client, provider=personality, prefill_supported=False)
     seen = await observe(mock_client, personality, body=with_prefill(personality, "A close"))
     assert seen.status == 400
@@ -209,7 +237,9 @@ REQUEST_KINDS = ["timeout", "rate_limit", "server_error", "reset", "slow_first_t
 
 @pytest.mark.parametrize("personality", PERSONALITIES)
 @pytest.mark.parametrize("kind", REQUEST_KINDS + STREAM_KINDS)
-async def test_header_forces_the_fault_on_streams(autojump_clock, mock_client, mock_state, personality, kind):
+async def test_header_forces_the_fault_on_streams(
+    autojump_clock, mock_client, mock_state, personality, kind
+):
     seen = await observe(mock_client, personality, stream=True, fault=kind)
     assert seen.kind() == kind
     # For that request alone.
@@ -219,7 +249,9 @@ async def test_header_forces_the_fault_on_streams(autojump_clock, mock_client, m
 
 @pytest.mark.parametrize("personality", PERSONALITIES)
 @pytest.mark.parametrize("kind", REQUEST_KINDS)
-async def test_header_forces_the_fault_without_streaming(autojump_clock, mock_client, personality, kind):
+async def test_header_forces_the_fault_without_streaming(
+    autojump_clock, mock_client, personality, kind
+):
     assert (await observe(mock_client, personality, fault=kind)).kind() == kind
 
 
@@ -296,7 +328,11 @@ async def test_anthropic_error_types(autojump_clock, mock_client):
         fault: (await observe(mock_client, "anthropic", fault=fault)).json["error"]["type"]
         for fault in ["timeout", "rate_limit", "server_error"]
     }
-    assert types == {"timeout": "timeout_error", "rate_limit": "rate_limit_error", "server_error": "api_error"}
+    assert types == {
+        "timeout": "timeout_error",
+        "rate_limit": "rate_limit_error",
+        "server_error": "api_error",
+    }
 
 
 async def test_rate_limit_carries_retry_after(autojump_clock, mock_client):
@@ -323,17 +359,23 @@ async def test_timeout_stalls_its_duration_then_504(autojump_clock, mock_client)
 
 async def test_a_client_timeout_fires_during_the_stall(autojump_clock, mock_state):
     async with open_mock_transport(mock_state) as transport:
-        async with httpx.AsyncClient(transport=transport, base_url="http://mock", timeout=2.0) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://mock", timeout=2.0
+        ) as client:
             start = trio.current_time()
             with pytest.raises(httpx.ReadTimeout):
-                await client.post(PATHS["openai"], json=body_for("openai"), headers={"x-mock-fault": "timeout"})
+                await client.post(
+                    PATHS["openai"], json=body_for("openai"), headers={"x-mock-fault": "timeout"}
+                )
             assert trio.current_time() - start == pytest.approx(2.0)
             await trio.sleep(0)
     assert mock_state["openai"].stats.disconnects == 1
 
 
 async def test_stream_stall_pauses_after_the_first_chunk(autojump_clock, mock_client):
-    await configure(mock_client, provider="anthropic", stream_stall_probability=1.0, stream_stall_seconds=12)
+    await configure(
+        mock_client, provider="anthropic", stream_stall_probability=1.0, stream_stall_seconds=12
+    )
     seen = await observe(mock_client, "anthropic", stream=True)
     content = seen.content_events
     assert [event.at for event in content[:2]] == pytest.approx([0, 12])
@@ -378,7 +420,9 @@ async def test_chunk_delay_paces_the_stream(autojump_clock, mock_client):
 
 
 async def test_stream_cut_after_chunks(autojump_clock, mock_client):
-    await configure(mock_client, provider="all", stream_cut_probability=1.0, stream_cut_after_chunks=5)
+    await configure(
+        mock_client, provider="all", stream_cut_probability=1.0, stream_cut_after_chunks=5
+    )
     for personality in PERSONALITIES:
         seen = await observe(mock_client, personality, stream=True)
         assert seen.status == 200
@@ -390,10 +434,14 @@ async def test_stream_cut_after_chunks(autojump_clock, mock_client):
 
 
 @pytest.mark.parametrize("personality", PERSONALITIES)
-async def test_leaving_mid_stream_counts_a_disconnect(autojump_clock, mock_client, mock_state, personality):
+async def test_leaving_mid_stream_counts_a_disconnect(
+    autojump_clock, mock_client, mock_state, personality
+):
     await configure(mock_client, provider=personality, chunk_delay_ms=1000)
     start = trio.current_time()
-    async with mock_client.stream("POST", PATHS[personality], json=body_for(personality, stream=True)) as response:
+    async with mock_client.stream(
+        "POST", PATHS[personality], json=body_for(personality, stream=True)
+    ) as response:
         async for _ in response.aiter_raw():
             if trio.current_time() - start >= 2:
                 break
@@ -452,7 +500,11 @@ async def test_each_post_replaces_the_whole_profile(autojump_clock, mock_client)
     assert profiles["openai"]["timeout_probability"] == 0
     assert profiles["openai"]["timeout_duration_seconds"] == 3
     profiles = await configure(mock_client)
-    assert all(value in (0, 0.0) for name, value in profiles["openai"].items() if name.endswith("probability"))
+    assert all(
+        value in (0, 0.0)
+        for name, value in profiles["openai"].items()
+        if name.endswith("probability")
+    )
 
 
 async def test_get_shows_every_profile_with_every_field(autojump_clock, mock_client):
@@ -508,11 +560,21 @@ OPENAI_BAD = [
     (b'{"model": "gpt-4", "messages": ["hi"]}', "messages[0]"),
     (b'{"model": "gpt-4", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
     (b'{"model": "gpt-4", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
-    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
-    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
-    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens"),
     (
-        b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}',
+        b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+        "stream",
+    ),
+    (
+        b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+        "max_tokens",
+    ),
+    (
+        b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": true}',
+        "max_tokens",
+    ),
+    (
+        b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}],'
+        b' "stream_options": {"include_usage": true}}',
         "stream_options",
     ),
 ]
@@ -529,12 +591,27 @@ async def test_openai_validation(autojump_clock, mock_client, mock_state, body, 
 
 ANTHROPIC_BAD = [
     (b"{", "not valid JSON"),
-    (b'{"model": "claude", "messages": [{"role": "user", "content": "x"}]}', "max_tokens: Field required"),
-    (b'{"model": "claude", "max_tokens": "10", "messages": [{"role": "user", "content": "x"}]}', "max_tokens"),
+    (
+        b'{"model": "claude", "messages": [{"role": "user", "content": "x"}]}',
+        "max_tokens: Field required",
+    ),
+    (
+        b'{"model": "claude", "max_tokens": "10", "messages": [{"role": "user", "content": "x"}]}',
+        "max_tokens",
+    ),
     (b'{"max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}', "model"),
-    (b'{"model": "claude", "max_tokens": 10, "messages": [{"role": "system", "content": "x"}]}', "messages.0.role"),
-    (b'{"model": "claude", "max_tokens": 10, "messages": [{"role": "user"}]}', "messages.0.content"),
-    (b'{"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": [1]}]}', "messages.0.content"),
+    (
+        b'{"model": "claude", "max_tokens": 10, "messages": [{"role": "system", "content": "x"}]}',
+        "messages.0.role",
+    ),
+    (
+        b'{"model": "claude", "max_tokens": 10, "messages": [{"role": "user"}]}',
+        "messages.0.content",
+    ),
+    (
+        b'{"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": [1]}]}',
+        "messages.0.content",
+    ),
 ]
 
 

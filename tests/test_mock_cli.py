@@ -70,7 +70,10 @@ async def test_a_stalled_stream_does_not_hold_up_shutdown():
     async with mock_provider() as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=None) as client:
             async with client.stream(
-                "POST", PATHS["openai"], json=body_for("openai", stream=True), headers={"x-mock-fault": "stream_stall"}
+                "POST",
+                PATHS["openai"],
+                json=body_for("openai", stream=True),
+                headers={"x-mock-fault": "stream_stall"},
             ) as response:
                 assert response.status_code == 200
                 started = trio.current_time()
@@ -99,7 +102,9 @@ async def test_a_port_in_use_is_a_clear_error():
 
 async def test_bad_arguments_are_refused():
     result = await trio.run_process(
-        [sys.executable, "-m", "mock_server", "--latency-ms", "-5"], capture_stderr=True, check=False
+        [sys.executable, "-m", "mock_server", "--latency-ms", "-5"],
+        capture_stderr=True,
+        check=False,
     )
     assert result.returncode == 2
     assert b"--latency-ms" in result.stderr

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from mock_server.conversation import ChatRequest, Finish, complete, count_tokens, reply_for, tokens
 
 
-def chat(prompt: str = "test", *, prefill: str | None = None, max_tokens: int | None = None) -> ChatRequest:
+def chat(
+    prompt: str = "test", *, prefill: str | None = None, max_tokens: int | None = None
+) -> ChatRequest:
     return ChatRequest(
         model="gpt-4",
         prompt=prompt,

@@ -131,7 +131,9 @@ def test_probability_one_always_and_zero_never(kind):
     rng = random.Random(7)
     always = FaultProfile(**{f"{kind.value}_probability": 1.0})
     assert {decide(always, rng, streaming=True).fault for _ in range(200)} == {kind}
-    never = FaultProfile(**{f"{other.value}_probability": 1.0 for other in FaultKind if other is not kind})
+    never = FaultProfile(
+        **{f"{other.value}_probability": 1.0 for other in FaultKind if other is not kind}
+    )
     assert kind not in {decide(never, rng, streaming=True).fault for _ in range(200)}
 
 
@@ -165,19 +167,28 @@ def test_statuses():
     assert decide(FaultProfile(timeout_probability=1), rng, streaming=False).status == 504
     assert decide(FaultProfile(rate_limit_probability=1), rng, streaming=False).status == 429
     statuses = {
-        decide(FaultProfile(server_error_probability=1), rng, streaming=False, server_error_statuses=(500, 529)).status
+        decide(
+            FaultProfile(server_error_probability=1),
+            rng,
+            streaming=False,
+            server_error_statuses=(500, 529),
+        ).status
         for _ in range(100)
     }
     assert statuses == {500, 529}
     forced = decide(
-        FaultProfile(), rng, streaming=False, forced=FaultKind.SERVER_ERROR, server_error_statuses=(500, 529)
+        FaultProfile(),
+        rng,
+        streaming=False,
+        forced=FaultKind.SERVER_ERROR,
+        server_error_statuses=(500, 529),
     )
     assert forced == Decision(FaultKind.SERVER_ERROR, 500)
 
 
-probabilities = st.fixed_dictionaries(
-    {name: st.floats(0, 1) for name in PROBABILITY_FIELDS}
-).map(lambda fields: FaultProfile(**fields))
+probabilities = st.fixed_dictionaries({name: st.floats(0, 1) for name in PROBABILITY_FIELDS}).map(
+    lambda fields: FaultProfile(**fields)
+)
 
 
 @given(

@@ -71,7 +71,8 @@ async def test_an_early_413_closes_the_connection(nursery):
     [url] = await nursery.start(partial(serve, app))
     stream = await trio.open_tcp_stream(*address(url))
     await stream.send_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: mock\r\nContent-Length: 100000\r\n\r\n{\"model\":"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: mock\r\nContent-Length: 100000\r\n\r\n"
+        b'{"model":'
     )
     with trio.fail_after(5):
         received = await read_until_closed(stream)
@@ -84,7 +85,13 @@ async def test_shutdown_is_prompt_with_idle_kept_alive_clients():
     async with httpx.AsyncClient() as client:
         async with trio.open_nursery() as nursery:
             [url] = await nursery.start(
-                partial(serve, create_app(), graceful_timeout=10, keep_alive_timeout=60, shutdown_trigger=shutdown.wait)
+                partial(
+                    serve,
+                    create_app(),
+                    graceful_timeout=10,
+                    keep_alive_timeout=60,
+                    shutdown_trigger=shutdown.wait,
+                )
             )
             # The client now holds an idle kept-alive connection.
             assert (await client.get(f"{url}/health")).status_code == 200
@@ -103,7 +110,9 @@ async def test_shutdown_refuses_new_connections_and_finishes_in_flight_requests(
             answers.append(await client.get(f"{url}/slow"))
 
     async with trio.open_nursery() as nursery:
-        [url] = await nursery.start(partial(serve, app, graceful_timeout=10, shutdown_trigger=shutdown.wait))
+        [url] = await nursery.start(
+            partial(serve, app, graceful_timeout=10, shutdown_trigger=shutdown.wait)
+        )
         nursery.start_soon(in_flight, url)
         await entered.wait()
         shutdown.set()
@@ -124,7 +133,9 @@ async def test_the_grace_period_ends_in_flight_requests():
                 await client.get(f"{url}/slow")
 
     async with trio.open_nursery() as nursery:
-        [url] = await nursery.start(partial(serve, app, graceful_timeout=0.2, shutdown_trigger=shutdown.wait))
+        [url] = await nursery.start(
+            partial(serve, app, graceful_timeout=0.2, shutdown_trigger=shutdown.wait)
+        )
         nursery.start_soon(in_flight, url)
         await entered.wait()
         started = trio.current_time()

@@ -48,7 +48,9 @@ async def test_openai_sdk_stream(openai_client):
 
 
 async def test_anthropic_sdk_message(anthropic_client):
-    message = await anthropic_client.messages.create(model="claude-3-5-haiku", max_tokens=64, messages=MESSAGES)
+    message = await anthropic_client.messages.create(
+        model="claude-3-5-haiku", max_tokens=64, messages=MESSAGES
+    )
     assert message.model == "claude-3-5-haiku"
     assert message.content[0].text == reply_for("test")
     assert message.stop_reason == "end_turn"
@@ -56,7 +58,9 @@ async def test_anthropic_sdk_message(anthropic_client):
 
 
 async def test_anthropic_sdk_stream(anthropic_client):
-    async with anthropic_client.messages.stream(model="claude-3-5-haiku", max_tokens=5, messages=MESSAGES) as stream:
+    async with anthropic_client.messages.stream(
+        model="claude-3-5-haiku", max_tokens=5, messages=MESSAGES
+    ) as stream:
         pieces = [text async for text in stream.text_stream]
         final = await stream.get_final_message()
     assert len(pieces) == 5
@@ -73,11 +77,17 @@ async def test_sdks_see_the_errors_they_expect(openai_client, anthropic_client):
     assert rate_limited.value.response.headers["retry-after"] == "1"
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         await anthropic_client.messages.create(
-            model="claude-3-5-haiku", messages=MESSAGES, max_tokens=1, extra_body={"max_tokens": None}
+            model="claude-3-5-haiku",
+            messages=MESSAGES,
+            max_tokens=1,
+            extra_body={"max_tokens": None},
         )
     with pytest.raises(anthropic.InternalServerError):
         await anthropic_client.messages.create(
-            model="claude-3-5-haiku", max_tokens=8, messages=MESSAGES, extra_headers={"x-mock-fault": "server_error"}
+            model="claude-3-5-haiku",
+            max_tokens=8,
+            messages=MESSAGES,
+            extra_headers={"x-mock-fault": "server_error"},
         )
     with pytest.raises(openai.APIConnectionError):
         await openai_client.chat.completions.create(
@@ -88,7 +98,9 @@ async def test_sdks_see_the_errors_they_expect(openai_client, anthropic_client):
 async def test_reset_is_a_real_connection_reset(mock_server_url, mock_state):
     async with httpx.AsyncClient(base_url=mock_server_url) as client:
         with pytest.raises(httpx.ReadError):
-            await client.post(PATHS["openai"], json=body_for("openai"), headers={"x-mock-fault": "reset"})
+            await client.post(
+                PATHS["openai"], json=body_for("openai"), headers={"x-mock-fault": "reset"}
+            )
         # Raw socket: not one response byte before the connection dies.
         host, port = mock_server_url.removeprefix("http://").rsplit(":", 1)
         stream = await trio.open_tcp_stream(host, int(port))
@@ -118,7 +130,11 @@ SEED_COMMANDS = [
     (b'{"timeout_probability":0.7,"timeout_duration_seconds":3}', None),
 ]
 SEED_CHAT = b'{"model":"gpt-4","messages":[{"role":"user","content":"test"}]}'
-CURL_HEADERS = {"content-type": "application/x-www-form-urlencoded", "user-agent": "curl/8.5.0", "accept": "*/*"}
+CURL_HEADERS = {
+    "content-type": "application/x-www-form-urlencoded",
+    "user-agent": "curl/8.5.0",
+    "accept": "*/*",
+}
 
 
 @pytest.mark.parametrize("headers", [CURL_HEADERS, {}], ids=["curl-form", "no-content-type"])
@@ -131,7 +147,10 @@ async def test_the_seed_demo_commands_byte_for_byte(mock_server_url, headers):
                 assert response.json()["openai"]["timeout_probability"] == 0.7
                 assert response.json()["openai"]["timeout_duration_seconds"] == 3
                 continue
-            answers = [await client.post(PATHS["openai"], content=SEED_CHAT, headers=headers) for _ in range(3)]
+            answers = [
+                await client.post(PATHS["openai"], content=SEED_CHAT, headers=headers)
+                for _ in range(3)
+            ]
             expected = {"ok": 200, "rate_limit": 429, "server_error": None}[then]
             if expected is None:
                 assert all(answer.status_code in (500, 503) for answer in answers)
@@ -139,7 +158,8 @@ async def test_the_seed_demo_commands_byte_for_byte(mock_server_url, headers):
                 assert [answer.status_code for answer in answers] == [expected] * 3
             # The seed's demo: OpenAI breaks, Anthropic keeps answering.
             anthropic_answer = await client.post(
-                PATHS["anthropic"], content=b'{"model":"claude","max_tokens":50,"messages":[{"role":"user","content":"test"}]}',
+                PATHS["anthropic"],
+                content=b'{"model":"claude","max_tokens":50,"messages":[{"role":"user","content":"test"}]}',
                 headers=headers,
             )
             assert anthropic_answer.status_code == 200
@@ -148,7 +168,9 @@ async def test_the_seed_demo_commands_byte_for_byte(mock_server_url, headers):
 async def test_a_client_leaving_is_counted_as_a_disconnect(mock_server_url, mock_state: MockState):
     mock_state["anthropic"].profile = FaultProfile(chunk_delay_ms=500)
     async with httpx.AsyncClient(base_url=mock_server_url) as client:
-        async with client.stream("POST", PATHS["anthropic"], json=body_for("anthropic", stream=True)) as response:
+        async with client.stream(
+            "POST", PATHS["anthropic"], json=body_for("anthropic", stream=True)
+        ) as response:
             async for chunk in response.aiter_raw():
                 if b"content_block_delta" in chunk:
                     break
