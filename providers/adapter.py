@@ -57,6 +57,8 @@ class ProviderError:
     message: str
     code: str | None = None
     error_type: str | None = None
+    #: The HTTP status the error came with (or, inside a stream, would have come with).
+    status: int | None = None
     #: The error in OpenAI's ``{"message", "type", "param", "code"}`` shape.
     openai_error: dict[str, Any] = attrs.field(factory=dict)
 
@@ -86,13 +88,18 @@ class Adapter(Protocol):
         Raises :class:`UnsupportedRequest` when this provider cannot serve it.
         """
 
-    def completion(self, payload: bytes) -> dict[str, Any]:
-        """A 2xx body as an OpenAI ``chat.completion``; raises :class:`MalformedResponse`."""
+    def completion(self, payload: bytes, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A 2xx body as an OpenAI ``chat.completion``; raises :class:`MalformedResponse`.
+
+        ``body`` is the request that was sent (an adapter may need it to fit a
+        continuation to the prefill it was given).
+        """
 
     def error(self, status: int, payload: bytes) -> ProviderError:
         """A non-2xx body, understood as well as it can be (never raises)."""
 
-    def stream_decoder(self) -> StreamDecoder: ...
+    def stream_decoder(self, body: dict[str, Any] | None = None) -> StreamDecoder:
+        """A decoder for the stream answering ``body``."""
 
 
 def load_json_object(payload: bytes | str, what: str) -> dict[str, Any]:

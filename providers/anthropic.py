@@ -509,6 +509,7 @@ def _provider_error(status: int, message: str, error_type: str | None) -> Provid
         message,
         code=error_type,
         error_type=error_type,
+        status=status,
         openai_error={
             "message": message,
             "type": OPENAI_ERROR_TYPES.get(status, "server_error"),

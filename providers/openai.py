@@ -42,7 +42,7 @@ class OpenAIAdapter:
             return UpstreamRequest(self._url, self._stream_headers, orjson.dumps(body))
         return UpstreamRequest(self._url, self._headers, orjson.dumps(body))
 
-    def completion(self, payload: bytes) -> dict[str, Any]:
+    def completion(self, payload: bytes, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = load_json_object(payload, "the completion")
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -55,7 +55,7 @@ class OpenAIAdapter:
     def error(self, status: int, payload: bytes) -> ProviderError:
         return openai_error(status, payload)
 
-    def stream_decoder(self) -> OpenAIStreamDecoder:
+    def stream_decoder(self, body: dict[str, Any] | None = None) -> OpenAIStreamDecoder:
         return OpenAIStreamDecoder()
 
 
@@ -70,7 +70,7 @@ def openai_error(status: int, payload: bytes) -> ProviderError:
         error = {"message": error}
     if not isinstance(error, dict):
         message = f"HTTP {status}"
-        return ProviderError(message, openai_error={"message": message, "type": None, "param": None, "code": None})
+        return ProviderError(message, status=status, openai_error={"message": message, "type": None, "param": None, "code": None})
     message = str(error.get("message") or f"HTTP {status}")
     code = error.get("code")
     error_type = error.get("type")
@@ -78,6 +78,7 @@ def openai_error(status: int, payload: bytes) -> ProviderError:
         message,
         code=str(code) if code is not None else None,
         error_type=str(error_type) if error_type is not None else None,
+        status=status,
         openai_error={
             "message": message,
             "type": error_type,

@@ -28,7 +28,13 @@ from providers.adapter import (
     ProviderStreamError,
     UnsupportedRequest,
 )
-from providers.anthropic import AnthropicAdapter, AnthropicStreamDecoder, anthropic_error, prefill_whitespace
+from providers.anthropic import (
+    ERROR_TYPE_STATUS,
+    AnthropicAdapter,
+    AnthropicStreamDecoder,
+    anthropic_error,
+    prefill_whitespace,
+)
 from providers.classify import classify_response
 from providers.sse import ServerSentEvent, SSEDecoder
 
@@ -689,6 +695,7 @@ def test_error_mapping(status: int, error_type: str, openai_type: str) -> None:
         "Something happened.",
         code=error_type,
         error_type=error_type,
+        status=status,
         openai_error={"message": "Something happened.", "type": openai_type, "param": None, "code": error_type},
     )
 
@@ -707,7 +714,7 @@ def test_errors_that_say_nothing_describe_the_status(
     status: int, payload: bytes, message: str, openai_type: str
 ) -> None:
     assert anthropic_error(status, payload) == ProviderError(
-        message, openai_error={"message": message, "type": openai_type, "param": None, "code": None}
+        message, status=status, openai_error={"message": message, "type": openai_type, "param": None, "code": None}
     )
 
 
@@ -944,6 +951,7 @@ def test_an_error_event_raises_the_providers_error(error_type: str, message: str
         message,
         code=error_type,
         error_type=error_type,
+        status=ERROR_TYPE_STATUS[error_type],
         openai_error={"message": message, "type": openai_type, "param": None, "code": error_type},
     )
 

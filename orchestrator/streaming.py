@@ -1,0 +1,215 @@
+"""The client's side of a committed stream: chunks in order, and an honest ending.
+
+A :class:`ChunkStream` exists only once a stream has reached its commit point
+(the first content chunk): from then on the answer belongs to the client, and the
+router never starts a second answer on it. If the upstream breaks after commit,
+the stream is continued from the text already delivered on a deployment that
+accepts an assistant prefill (the same one first, when it does); otherwise, or if
+that fails too, iteration raises :class:`~orchestrator.errors.StreamInterrupted`
+carrying the original failure, so a truncated answer never looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from orchestrator.config import Deployment
+from orchestrator.errors import GatewayError, StreamInterrupted
+from orchestrator.logs import event
+from orchestrator.messages import ErrorClass, StreamBroken, StreamEnd, StreamItem
+
+if TYPE_CHECKING:
+    from orchestrator.router import Journey, Opened, Router
+    from orchestrator.validation import ChatRequest
+
+__all__ = ["ChunkStream"]
+
+
+class ChunkStream:
+    """An async iterator of OpenAI ``chat.completion.chunk`` dicts.
+
+    Blocks only while waiting for the provider's next chunk (each wait bounded by
+    the provider's idle timeout and the request's deadline). :meth:`close` is
+    synchronous and safe to call from a ``finally`` during cancellation: it cancels
+    the upstream call at once.
+
+    ``provider`` and ``model`` name who is answering; ``usage`` is the usage of
+    what the client received, once the stream has finished.
+    """
+
+    def __init__(self, *, router: Router, request: ChatRequest, journey: Journey, opened: Opened) -> None:
+        self._router = router
+        self._request = request
+        self._journey = journey
+        self._deployment = opened.deployment
+        self._scope = opened.scope
+        stream = opened.outcome
+        self._head: deque[dict[str, Any]] = deque(stream.head)  # type: ignore[union-attr]
+        self._chunks: trio.MemoryReceiveChannel[StreamItem] = stream.chunks  # type: ignore[union-attr]
+        first = self._head[0] if self._head else {}
+        self.id: str = first.get("id") or f"chatcmpl-{journey.request_id}"
+        self.created: int = first.get("created") or int(time.time())
+        self.model: str = first.get("model") or journey.model or request.model
+        self.provider: str = opened.deployment.provider
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.continuations = 0
+        self._text: list[str] = []
+        self._delivered_chunks = 0
+        self._prefix_chunks = 0
+        self._tool_calls_seen = False
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._journey.request_id
+
+    @property
+    def network_attempts(self) -> int:
+        """Upstream calls made for this answer so far (continuations included)."""
+        return self._journey.network_attempts
+
+    @property
+    def text(self) -> str:
+        """The content delivered so far."""
+        return "".join(self._text)
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            if self._head:
+                return self._present(self._head.popleft())
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                item = await self._chunks.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                item = StreamBroken(ErrorClass.TRANSIENT, "the provider's stream stopped without an end")
+            if isinstance(item, dict):
+                return self._present(item)
+            if isinstance(item, StreamEnd):
+                self._done = True
+                self.finish_reason = item.finish_reason
+                self.usage = self._usage(item.usage)
+                if self._request.include_usage and self.usage is not None:
+                    return {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage,
+                    }
+                raise StopAsyncIteration
+            if not await self._continue(item):
+                self._done = True
+                raise StreamInterrupted(
+                    f"The answer was interrupted after {self._delivered_chunks} chunks: {item.message}",
+                    attempts=tuple(self._journey.attempts),
+                    request_id=self._journey.request_id,
+                )
+
+    def close(self) -> None:
+        """Abandon the stream: cancel the upstream call (synchronous, never blocks)."""
+        self._done = True
+        self._scope.cancel()
+        self._chunks.close()
+
+    # -- presentation ---------------------------------------------------------------
+
+    def _present(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        # One answer, one id: continuation chunks come from another upstream response.
+        chunk["id"] = self.id
+        self._delivered_chunks += 1
+        for choice in chunk.get("choices", ()):
+            delta = choice.get("delta")
+            if delta:
+                content = delta.get("content")
+                if content:
+                    self._text.append(content)
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    self._tool_calls_seen = True
+        model = chunk.get("model")
+        if model:
+            self.model = model
+        return chunk
+
+    def _usage(self, upstream: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Usage of what the client received.
+
+        After a continuation the last provider counted the delivered prefix as prompt
+        (it was sent back as an assistant prefill) and only the remainder as
+        completion; the prefix's chunks move back to the completion side (a streamed
+        chunk is about one token), so the client is billed for one answer, not for a
+        failed attempt.
+        """
+        if upstream is None or not self.continuations:
+            return upstream
+        prompt = int(upstream.get("prompt_tokens", 0))
+        completion = int(upstream.get("completion_tokens", 0))
+        moved = min(self._prefix_chunks, prompt)
+        prompt, completion = prompt - moved, completion + moved
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # -- continuation -----------------------------------------------------------------
+
+    async def _continue(self, broken: StreamBroken) -> bool:
+        """Continue a broken answer from its delivered text; False when it cannot be."""
+        self._scope.cancel()
+        journey = self._journey
+        deployments = self._prefill_deployments()
+        text = self.text
+        if broken.error_class is ErrorClass.DEADLINE or not deployments or not text or self._tool_calls_seen:
+            event(logging.WARNING, journey.request_id, "stream_broken",
+                  f"stream from {self.provider} broke after {self._delivered_chunks} chunks: {broken.message}",
+                  provider=self.provider, reason=broken.error_class.value)
+            return False
+        event(logging.WARNING, journey.request_id, "stream_continue",
+              f"stream from {self.provider} broke after {self._delivered_chunks} chunks ({broken.message});"
+              f" continuing on {deployments[0].provider} from the {len(text)} characters delivered",
+              provider=self.provider, reason=broken.error_class.value, target=deployments[0].provider)
+        messages = [*self._request.body["messages"], {"role": "assistant", "content": text}]
+        try:
+            opened = await self._router.run(
+                self._request, journey, body={**self._request.body, "messages": messages}, deployments=deployments
+            )
+        except GatewayError as error:
+            event(logging.WARNING, journey.request_id, "stream_continue_failed",
+                  f"continuation failed ({error.message}); ending the stream with the original error")
+            return False
+        stream = opened.outcome
+        self.continuations += 1
+        self._prefix_chunks = self._delivered_chunks
+        self._deployment = opened.deployment
+        self.provider = opened.deployment.provider
+        self._scope = opened.scope
+        self._chunks = stream.chunks  # type: ignore[union-attr]
+        # The client already has the role chunk: pass on only what carries content.
+        self._head.extend(chunk for chunk in stream.head if _carries_content(chunk))  # type: ignore[union-attr]
+        return True
+
+    def _prefill_deployments(self) -> Sequence[Deployment]:
+        """Deployments that may continue: this one first if it takes a prefill, then later ones."""
+        route = self._router.route(self._request.model)
+        deployments = list(route.deployments)
+        try:
+            start = deployments.index(self._deployment)
+        except ValueError:
+            start = 0
+        return [deployment for deployment in deployments[start:] if deployment.prefill]
+
+
+def _carries_content(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices", ()):
+        delta = choice.get("delta") or {}
+        if delta.get("content") or choice.get("finish_reason"):
+            return True
+    return False

@@ -1,0 +1,505 @@
+"""The provider actor: one long-lived trio task per provider, owner of its health.
+
+::
+
+    inbox (bounded) ──► ProviderActor.run ── admit ──► attempt task (one per call,
+      Call, SnapshotRequest   │                          in the actor's nursery,
+                              │ refuse at once:          under call.scope)
+                              │   rate limited,            │ upstream HTTP via httpx
+                              │   saturated,               │ reply: Completed | Failed
+                              │   circuit open             │        | StreamOpened
+                              v                            v
+                      reply: Refused               settle: breaker, rate limit, totals
+
+The actor is the only code that reads or changes its breaker, its rate-limit state,
+its in-flight count and its totals (the attempt tasks are the actor's own tasks;
+trio runs them one at a time, and no state is read across an ``await``).
+
+**Cancellation.** Each attempt runs inside ``call.scope``, which belongs to the
+requester: cancelling it closes the upstream connection at once, and the attempt
+counts as neither success nor failure (a half-open probe gives its slot back).
+Each attempt's own timeouts (response, first token, idle) are cancel scopes
+inside that one, capped by the request's deadline; an attempt cut short by the
+request's deadline rather than by the provider's own timeout is not held against
+the provider.
+
+**Failure.** If the actor's loop dies, the exception propagates to the service's
+nursery (the gateway fails loudly rather than living on without a provider), and
+every call still queued or in flight has its reply channel closed, so its
+requester sees ``trio.EndOfChannel`` at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from orchestrator.config import ProviderConfig
+from orchestrator.logs import event
+from orchestrator.messages import (
+    Call,
+    Completed,
+    ErrorClass,
+    Failed,
+    Outcome,
+    ProviderSnapshot,
+    RefusalReason,
+    Refused,
+    SnapshotRequest,
+    StreamBroken,
+    StreamEnd,
+    StreamItem,
+    StreamOpened,
+)
+from providers.adapter import (
+    Adapter,
+    MalformedResponse,
+    MalformedStream,
+    ProviderStreamError,
+    StreamDecoder,
+    UnsupportedRequest,
+)
+from providers.breaker import Admission, Breaker, Verdict, describe_transition
+from providers.classify import classify_exception, classify_response, parse_retry_after
+from providers.pool import ClientPool
+from providers.sse import SSEDecoder
+
+__all__ = ["ActorHandle", "ActorStopped", "ProviderActor", "make_adapter"]
+
+logger = logging.getLogger("orchestrator.provider")
+
+#: Chunks buffered between an attempt task and its requester (backpressure beyond).
+STREAM_BUFFER = 16
+#: Largest error body read from a provider before it is classified.
+MAX_ERROR_BODY = 64 * 1024
+
+_SUCCESS = "ok"
+
+#: What an attempt reports to its own accounting: the outcome delivered (``_SUCCESS``
+#: for a stream that finished), the break of a stream, or None when abandoned.
+Verdict_ = Outcome | StreamBroken | str | None
+
+
+class ActorStopped(Exception):
+    """The provider's actor is not running (the service is stopping or has failed)."""
+
+
+def make_adapter(config: ProviderConfig) -> Adapter:
+    """The wire-format adapter for a provider's ``kind``."""
+    if config.kind == "anthropic":
+        from providers.anthropic import AnthropicAdapter
+
+        return AnthropicAdapter(config)
+    from providers.openai import OpenAIAdapter
+
+    return OpenAIAdapter(config)
+
+
+@attrs.frozen(eq=False)
+class ActorHandle:
+    """What the router holds: a provider's name and the send side of its inbox."""
+
+    name: str
+    kind: str
+    _inbox: trio.MemorySendChannel[Call | SnapshotRequest]
+
+    def submit(self, call: Call) -> bool:
+        """Hand ``call`` to the actor without blocking; False if its inbox is full.
+
+        Raises :class:`ActorStopped` if the actor is gone.
+        """
+        try:
+            self._inbox.send_nowait(call)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorStopped(f"the actor for provider {self.name!r} is not running") from None
+        return True
+
+    async def snapshot(self) -> ProviderSnapshot:
+        """The actor's state now; blocks only for the actor's answer."""
+        reply_send, reply_receive = trio.open_memory_channel[ProviderSnapshot](1)
+        try:
+            await self._inbox.send(SnapshotRequest(reply_send))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorStopped(f"the actor for provider {self.name!r} is not running") from None
+        with reply_receive:
+            try:
+                return await reply_receive.receive()
+            except trio.EndOfChannel:
+                raise ActorStopped(f"the actor for provider {self.name!r} stopped") from None
+
+
+class ProviderActor:
+    """One provider: its adapter, its connection pools, its breaker and its limits.
+
+    Start it with ``handle = await nursery.start(actor.run)``. ``transport``
+    replaces the network for every upstream call (tests serve the mock in-process).
+    """
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        *,
+        adapter: Adapter | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self._adapter = adapter if adapter is not None else make_adapter(config)
+        self._transport = transport
+        self._breaker = Breaker(config.breaker)
+        self._rate_limited_until: float | None = None
+        self._in_flight = 0
+        self._totals: Counter[str] = Counter()
+        self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest](
+            max(64, config.max_concurrency)
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[ActorHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the inbox until cancelled. Reports its :class:`ActorHandle` once ready."""
+        pool = ClientPool(
+            shards=self.config.pool_shards,
+            max_connections=self.config.max_concurrency,
+            connect_timeout=self.config.timeouts.connect,
+            transport=self._transport,
+        )
+        try:
+            async with trio.open_nursery() as attempts:
+                task_status.started(ActorHandle(self.config.name, self.config.kind, self._inbox_send))
+                async for message in self._inbox:
+                    if isinstance(message, Call):
+                        self._admit(message, attempts, pool)
+                    else:
+                        message.reply.send_nowait(self._snapshot())
+                        message.reply.close()
+        finally:
+            self._close_inbox()
+            await pool.aclose()
+
+    # -- admission (synchronous: no await between reading and writing state) ------
+
+    def _admit(self, call: Call, attempts: trio.Nursery, pool: ClientPool) -> None:
+        if call.scope.cancel_called:  # the requester gave up while the call was queued
+            call.reply.close()
+            return
+        now = trio.current_time()
+        if self._rate_limited_until is not None:
+            if now < self._rate_limited_until:
+                self._refuse(call, RefusalReason.RATE_LIMITED, self._rate_limited_until - now)
+                return
+            self._rate_limited_until = None
+        if self._in_flight >= self.config.max_concurrency:
+            self._refuse(call, RefusalReason.SATURATED, None)
+            return
+        before = self._breaker
+        self._breaker, admission = before.admit(now)
+        self._log_transition(before, call.request_id)
+        if admission.verdict is Verdict.REFUSED:
+            self._refuse(call, RefusalReason.CIRCUIT_OPEN, admission.retry_after)
+            return
+        self._in_flight += 1
+        attempts.start_soon(self._attempt, call, admission, pool)
+
+    def _refuse(self, call: Call, reason: RefusalReason, retry_after: float | None) -> None:
+        self._totals[reason.value] += 1
+        _reply(call, Refused(reason, retry_after))
+        call.reply.close()
+
+    # -- one attempt ----------------------------------------------------------------
+
+    async def _attempt(self, call: Call, admission: Admission, pool: ClientPool) -> None:
+        verdict: Verdict_ = None
+        try:
+            with call.reply, call.scope:
+                if call.stream:
+                    verdict = await self._stream(call, pool.next())
+                else:
+                    verdict = await self._complete(call, pool.next())
+        finally:
+            self._in_flight -= 1
+            self._settle(verdict, admission, call.request_id)
+
+    async def _complete(self, call: Call, client: httpx.AsyncClient) -> Verdict_:
+        started = trio.current_time()
+        try:
+            upstream = self._adapter.request(call.body, stream=False)
+        except UnsupportedRequest as error:
+            return _reply(call, Failed(ErrorClass.UNSUPPORTED, str(error), 0.0))
+        deadline, own = self._deadline(started, self.config.timeouts.attempt, call.deadline)
+        outcome: Outcome | None = None
+        with trio.move_on_at(deadline):
+            try:
+                response = await client.post(upstream.url, content=upstream.content, headers=upstream.headers)
+            except httpx.TransportError as error:
+                outcome = _transport_failure(error, trio.current_time() - started)
+            else:
+                outcome = self._answer(response.status_code, response.headers, response.content, started, call.body)
+        if outcome is None:
+            outcome = _silence(own, "no response", trio.current_time() - started)
+        return _reply(call, outcome)
+
+    def _answer(
+        self, status: int, headers: httpx.Headers, payload: bytes, started: float, body: dict[str, Any]
+    ) -> Outcome:
+        elapsed = trio.current_time() - started
+        if 200 <= status < 300:
+            try:
+                return Completed(self._adapter.completion(payload, body), elapsed)
+            except MalformedResponse as error:
+                return Failed(ErrorClass.MALFORMED, str(error), elapsed, status=status)
+        return self._failure(status, headers, payload, elapsed)
+
+    def _failure(self, status: int, headers: httpx.Headers, payload: bytes, elapsed: float) -> Failed:
+        error = self._adapter.error(status, payload)
+        return Failed(
+            classify_response(status, code=error.code, message=error.message),
+            error.message,
+            elapsed,
+            status=status,
+            code=error.code,
+            error_type=error.error_type,
+            retry_after=parse_retry_after(headers),
+            error=error.openai_error,
+        )
+
+    async def _stream(self, call: Call, client: httpx.AsyncClient) -> Verdict_:
+        """One streaming attempt: reply at the commit point, then pump the rest.
+
+        Before the first content chunk every failure is an ordinary ``Failed`` reply,
+        so the router can still retry or fail over. From the first content on the
+        chunks go to the requester over a bounded channel that ends with exactly one
+        ``StreamEnd`` or ``StreamBroken``.
+        """
+        started = trio.current_time()
+        timeouts = self.config.timeouts
+        try:
+            upstream = self._adapter.request(call.body, stream=True)
+        except UnsupportedRequest as error:
+            return _reply(call, Failed(ErrorClass.UNSUPPORTED, str(error), 0.0))
+        request = client.build_request("POST", upstream.url, content=upstream.content, headers=upstream.headers)
+        deadline, own = self._deadline(started, timeouts.attempt, call.deadline)
+        response: httpx.Response | None = None
+        with trio.move_on_at(deadline):
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TransportError as error:
+                return _reply(call, _transport_failure(error, trio.current_time() - started))
+        if response is None:
+            return _reply(call, _silence(own, "no response headers", trio.current_time() - started))
+        try:
+            if response.status_code != 200:
+                return _reply(call, await self._stream_failure(response, started, deadline, own))
+            reader = _StreamReader(response, self._adapter.stream_decoder(call.body))
+            return await self._relay(call, reader, started)
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _stream_failure(self, response: httpx.Response, started: float, deadline: float, own: bool) -> Outcome:
+        payload = b""
+        with trio.move_on_at(deadline):
+            try:
+                async for piece in response.aiter_bytes():
+                    payload += piece
+                    if len(payload) > MAX_ERROR_BODY:
+                        break
+            except httpx.TransportError:
+                pass  # the status says enough; the body was a courtesy
+            return self._failure(response.status_code, response.headers, payload, trio.current_time() - started)
+        return _silence(own, "no error body", trio.current_time() - started)
+
+    async def _relay(self, call: Call, reader: _StreamReader, started: float) -> Verdict_:
+        timeouts = self.config.timeouts
+        # Before the commit point: hold role-only and empty chunks back.
+        head: list[dict[str, Any]] = []
+        first_deadline, own = self._deadline(trio.current_time(), timeouts.first_token, call.deadline)
+        while True:
+            item = await reader.next_item(first_deadline, own)
+            if isinstance(item, StreamBroken):
+                elapsed = trio.current_time() - started
+                return _reply(call, Failed(item.error_class, item.message, elapsed, status=200))
+            if isinstance(item, StreamEnd):
+                break
+            head.append(item)
+            if _has_content(item):
+                break
+        chunks_send, chunks_receive = trio.open_memory_channel[StreamItem](STREAM_BUFFER)
+        with chunks_send:
+            if _reply(call, StreamOpened(tuple(head), chunks_receive, trio.current_time() - started)) is None:
+                return None
+            # After the commit point: the rest of the stream belongs to the requester.
+            while True:
+                if not isinstance(item, StreamEnd):
+                    idle_deadline, own = self._deadline(trio.current_time(), timeouts.idle, call.deadline)
+                    item = await reader.next_item(idle_deadline, own)
+                try:
+                    await chunks_send.send(item)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None  # the requester stopped listening: abandoned, not failed
+                if isinstance(item, StreamBroken):
+                    return item
+                if isinstance(item, StreamEnd):
+                    return _SUCCESS
+
+    @staticmethod
+    def _deadline(start: float, timeout: float, request_deadline: float) -> tuple[float, bool]:
+        """The deadline of one wait, and whether it is the provider's own timeout.
+
+        When the request's deadline comes first, a timeout is the request's, not a
+        sign of the provider's health.
+        """
+        own = start + timeout
+        if own <= request_deadline:
+            return own, True
+        return request_deadline, False
+
+    # -- accounting -------------------------------------------------------------------
+
+    def _settle(self, verdict: Verdict_, admission: Admission, request_id: str) -> None:
+        before = self._breaker
+        if verdict is None:
+            self._totals["cancelled"] += 1
+            self._breaker = before.release(admission)
+        elif verdict == _SUCCESS or isinstance(verdict, Completed):
+            self._totals[_SUCCESS] += 1
+            self._breaker = before.record_success(admission)
+        elif isinstance(verdict, Failed | StreamBroken):
+            error_class = verdict.error_class
+            self._totals[error_class.value] += 1
+            if error_class.counts_against_provider:
+                self._breaker = before.record_failure(admission, trio.current_time())
+            else:
+                self._breaker = before.release(admission)
+            if error_class is ErrorClass.RATE_LIMITED:
+                retry_after = verdict.retry_after if isinstance(verdict, Failed) else None
+                self._limit_rate(retry_after)
+            elif error_class is ErrorClass.MISCONFIGURED:
+                event(logging.ERROR, request_id, "provider_misconfigured",
+                      f"provider {self.config.name} refused our credentials or model ({verdict.message}):"
+                      " check its configuration", logger=logger, provider=self.config.name)
+        self._log_transition(before, request_id)
+
+    def _limit_rate(self, retry_after: float | None) -> None:
+        seconds = retry_after if retry_after is not None else self.config.rate_limit_seconds
+        until = trio.current_time() + seconds
+        if self._rate_limited_until is None or until > self._rate_limited_until:
+            self._rate_limited_until = until
+
+    def _log_transition(self, before: Breaker, request_id: str) -> None:
+        if before is self._breaker:
+            return
+        change = describe_transition(before, self._breaker)
+        if change is not None:
+            event(logging.WARNING, request_id, "circuit", f"circuit for {self.config.name} {change}",
+                  logger=logger, provider=self.config.name, circuit=self._breaker.state.value)
+
+    def _snapshot(self) -> ProviderSnapshot:
+        now = trio.current_time()
+        breaker = self._breaker
+        return ProviderSnapshot(
+            name=self.config.name,
+            kind=self.config.kind,
+            circuit=breaker.state_at(now).value,
+            consecutive_failures=breaker.consecutive_failures,
+            open_until=breaker.open_until,
+            rate_limited_until=self._rate_limited_until,
+            in_flight=self._in_flight,
+            max_concurrency=self.config.max_concurrency,
+            totals=dict(self._totals),
+        )
+
+    def _close_inbox(self) -> None:
+        """Answer every queued call with a closed reply channel, then refuse new ones."""
+        self._inbox_send.close()
+        while True:
+            try:
+                message = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            message.reply.close()
+        self._inbox.close()
+
+
+class _StreamReader:
+    """Reads an upstream event stream item by item, each read under its own deadline.
+
+    ``next_item`` never raises for upstream trouble: it returns an OpenAI chunk, a
+    ``StreamEnd`` once the stream finished properly, or a ``StreamBroken`` saying why
+    it did not.
+    """
+
+    def __init__(self, response: httpx.Response, decoder: StreamDecoder) -> None:
+        self._bytes = response.aiter_bytes()
+        self._sse = SSEDecoder()
+        self._decoder = decoder
+        self._ready: list[dict[str, Any]] = []
+        self._ended = False
+
+    async def next_item(self, deadline: float, own_timeout: bool) -> StreamItem:
+        decoder = self._decoder
+        while not self._ready:
+            if self._ended or _finished(decoder):
+                return StreamEnd(decoder.finish_reason, decoder.usage)
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self._bytes.__anext__()
+                except StopAsyncIteration:
+                    self._ended = True
+                    if decoder.finish_reason is not None:  # clean end without [DONE]
+                        continue
+                    return StreamBroken(ErrorClass.TRANSIENT, "the provider's stream ended without finishing")
+                except httpx.TransportError as error:
+                    error_class, description = classify_exception(error)
+                    return StreamBroken(error_class, f"the provider's stream broke: {description}")
+                try:
+                    for sse_event in self._sse.feed(data):
+                        self._ready.extend(decoder.feed(sse_event))
+                except MalformedStream as error:
+                    return StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
+                except ProviderStreamError as error:
+                    reported = error.error
+                    error_class = classify_response(reported.status or 500, code=reported.code, message=reported.message)
+                    return StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
+                continue
+            silence = _silence(own_timeout, "no stream data", 0.0)
+            return StreamBroken(silence.error_class, silence.message)
+        return self._ready.pop(0)
+
+
+def _finished(decoder: StreamDecoder) -> bool:
+    # OpenAI sends usage after the last finish_reason, so both together mean the answer
+    # is complete even if [DONE] never comes; Anthropic's message_delta carries both.
+    return decoder.done or (decoder.finish_reason is not None and decoder.usage is not None)
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices", ()):
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or delta.get("function_call") or delta.get("refusal"):
+            return True
+    return False
+
+
+def _silence(own_timeout: bool, what: str, elapsed: float) -> Failed:
+    if own_timeout:
+        return Failed(ErrorClass.SILENT, f"{what} within the provider's timeout", elapsed)
+    return Failed(ErrorClass.DEADLINE, f"{what} before the request's deadline", elapsed)
+
+
+def _transport_failure(error: httpx.TransportError, elapsed: float) -> Failed:
+    error_class, description = classify_exception(error)
+    return Failed(error_class, description, elapsed)
+
+
+def _reply(call: Call, outcome: Outcome) -> Outcome | None:
+    """Send the one reply; return it, or None if the requester is gone (abandoned)."""
+    try:
+        call.reply.send_nowait(outcome)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        return None
+    return outcome
