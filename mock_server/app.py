@@ -96,8 +96,8 @@ def create_app(state: MockState | None = None) -> QuartTrio:
             return _config_error(None, error.message)
         except ProfileError as error:
             return _config_error(error.field, error.message)
-        state.configure(update)
-        log.info("fault profile of %s: %s", " and ".join(update.targets), _describe(update.profile))
+        state.configure(update.profile, update.provider)
+        log.info("fault profile of %s: %s", update.provider, _describe(update.profile))
         return _json(state.profiles_json())
 
     @app.get("/stats")

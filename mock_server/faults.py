@@ -2,7 +2,7 @@
 
 A ``FaultProfile`` says how often each fault happens to one personality and how it
 behaves. ``parse_failures_config`` validates a ``POST /config/failures`` body into the
-personalities it targets and their new profile. ``decide`` picks the fault for one
+personality it targets and its new profile. ``decide`` picks the fault for one
 request from the profile and the personality's seeded generator.
 
 Decision order. Every model request that passes validation draws exactly
@@ -38,6 +38,7 @@ __all__ = [
     "decide",
     "parse_fault_header",
     "parse_failures_config",
+    "targets",
 ]
 
 
@@ -193,8 +194,17 @@ _FIELD_NAMES = frozenset(field.name for field in attrs.fields(FaultProfile))
 class ProfileUpdate:
     """A validated ``/config/failures`` body: the new profile and who gets it."""
 
-    targets: tuple[str, ...]
+    provider: str
     profile: FaultProfile
+
+
+def targets(provider: str) -> tuple[str, ...]:
+    """The personalities ``provider`` names: ``"openai"``, ``"anthropic"`` or ``"all"``."""
+    if provider == "all":
+        return PERSONALITIES
+    if provider in PERSONALITIES:
+        return (provider,)
+    raise ValueError("provider must be 'openai', 'anthropic' or 'all'")
 
 
 def parse_failures_config(body: object) -> ProfileUpdate:
@@ -208,13 +218,11 @@ def parse_failures_config(body: object) -> ProfileUpdate:
         raise ProfileError(None, "the body must be a JSON object")
     fields = dict(body)
     provider = fields.pop("provider", "openai")
-    if provider == "all":
-        targets = PERSONALITIES
-    elif provider in PERSONALITIES:
-        targets = (provider,)
-    else:
-        raise ProfileError("provider", "provider must be 'openai', 'anthropic' or 'all'")
-    return ProfileUpdate(targets, FaultProfile.from_fields(fields))
+    try:
+        targets(provider)
+    except (TypeError, ValueError) as error:
+        raise ProfileError("provider", str(error)) from None
+    return ProfileUpdate(provider, FaultProfile.from_fields(fields))
 
 
 def parse_fault_header(value: str) -> FaultKind:

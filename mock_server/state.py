@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from .faults import PERSONALITIES, FaultKind, FaultProfile, ProfileUpdate
+from .faults import PERSONALITIES, FaultKind, FaultProfile, targets
 
 __all__ = ["OUTCOMES", "MockState", "PersonalityState", "Stats"]
 
@@ -82,13 +82,17 @@ class MockState:
     def __getitem__(self, name: str) -> PersonalityState:
         return self.personalities[name]
 
-    def configure(self, update: ProfileUpdate) -> None:
-        """Replace the targets' profiles; reseed their generators if it has a seed."""
-        for name in update.targets:
+    def configure(self, profile: FaultProfile, provider: str = "openai") -> None:
+        """Replace a profile as ``POST /config/failures`` does.
+
+        ``provider`` is ``"openai"``, ``"anthropic"`` or ``"all"``. A profile with a seed
+        reseeds the generators it replaces.
+        """
+        for name in targets(provider):
             personality = self.personalities[name]
-            personality.profile = update.profile
-            if update.profile.seed is not None:
-                personality.rng.seed(update.profile.seed)
+            personality.profile = profile
+            if profile.seed is not None:
+                personality.rng.seed(profile.seed)
 
     def profiles_json(self) -> dict[str, Any]:
         return {name: state.profile.to_json() for name, state in self.personalities.items()}

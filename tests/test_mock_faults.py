@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mock_server import MockState, faults
 from mock_server.faults import (
     DECISION_ORDER,
     STREAM_ONLY,
@@ -59,7 +60,7 @@ def test_defaults_are_healthy_with_meaningful_shapes():
 
 def test_the_seed_demo_bodies_parse():
     update = parse_failures_config({"timeout_probability": 0.7, "timeout_duration_seconds": 3})
-    assert update.targets == ("openai",)
+    assert update.provider == "openai"
     assert update.profile == FaultProfile(timeout_probability=0.7, timeout_duration_seconds=3)
     assert parse_failures_config({}).profile == FaultProfile()
 
@@ -70,7 +71,7 @@ def test_the_seed_demo_bodies_parse():
 )
 def test_provider_picks_the_targets(provider, targets):
     update = parse_failures_config({"provider": provider, "rate_limit_probability": 1})
-    assert update.targets == targets
+    assert faults.targets(update.provider) == targets
     assert update.profile.rate_limit_probability == 1.0
 
 
@@ -206,3 +207,15 @@ def test_every_request_draws_the_same_amount(profile, streaming, forced, seed):
     for _ in DECISION_ORDER:
         reference.random()
     assert rng.random() == reference.random()
+
+
+def test_state_configure_works_as_the_http_api():
+    state = MockState.create(seed=1)
+    state.configure(FaultProfile(rate_limit_probability=1.0, seed=5), "all")
+    assert state["anthropic"].profile.rate_limit_probability == 1.0
+    assert state["openai"].rng.random() == random.Random(5).random()
+    state.configure(FaultProfile())  # openai only, as without "provider"
+    assert state["openai"].profile == FaultProfile()
+    assert state["anthropic"].profile.rate_limit_probability == 1.0
+    with pytest.raises(ValueError, match="provider"):
+        state.configure(FaultProfile(), "azure")
