@@ -19,8 +19,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+# The gateway on 127.0.0.1:8080 with the mock provider on 127.0.0.1:8001, in one
+# process: Ctrl-C stops both. (Separately: `mock-provider` and `orchestrator serve`.)
 run: $(VENV)/.installed
-	$(BIN)/mock-provider
+	$(BIN)/orchestrator serve --with-mock $(RUN_ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,82 @@
+"""``orchestrator``: the gateway's command line.
+
+::
+
+    orchestrator serve [--config FILE] [--host H] [--port 8080] [--log-format text|json]
+    python -m orchestrator ...          (same; ``serve`` is the default command)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from orchestrator.config import Config, ConfigError
+from orchestrator.logs import configure
+
+__all__ = ["main"]
+
+COMMANDS = ("serve",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description="A resilient OpenAI-compatible LLM gateway.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve the gateway over HTTP (the default command)")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration (default: the built-in demo set-up)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--with-mock", action="store_true",
+                       help="also serve the mock provider in the same process (what make run does)")
+    serve.add_argument("--mock-port", type=int, default=8001, help="the mock's port with --with-mock (default 8001)")
+    serve.add_argument("--mock-seed", type=int, default=None, help="seed of the mock's fault generators")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
+        args_list.insert(0, "serve")
+    args = build_parser().parse_args(args_list)
+    if args.command == "serve":
+        return _serve(args)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure(log_format=args.log_format, level=args.log_level)
+    try:
+        config = Config.from_toml(args.config) if args.config else Config.default()
+    except ConfigError as error:
+        print(f"orchestrator: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    from orchestrator.server import run_gateway
+
+    failures: list[BaseException] = []
+    try:
+        run_gateway(
+            config,
+            host=args.host,
+            port=args.port,
+            mock_port=args.mock_port if args.with_mock else None,
+            mock_seed=args.mock_seed,
+        )
+    except* KeyboardInterrupt:
+        pass
+    except* OSError as group:
+        failures = _leaves(group)
+    if failures:
+        # Binding failed (port in use, address not ours): say so, without a traceback.
+        reasons = "; ".join(sorted({str(error) for error in failures}))
+        print(f"orchestrator: cannot serve on {args.host}: {reasons}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]

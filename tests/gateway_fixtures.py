@@ -1,0 +1,32 @@
+"""Starting the gateway for tests: in-process over the mock's transport, or on a real socket."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from orchestrator.config import Config, RetryPolicy
+from orchestrator.server import serve_gateway
+
+#: The seed's request body, byte for byte as its curl commands send it.
+SEED_BODY = b'{"model":"gpt-4","messages":[{"role":"user","content":"test"}]}'
+SEED_BODY_MULTILINE = b'{\n  "model":"gpt-4",\n  "messages":[{"role":"user","content":"test"}]\n}'
+CURL_FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def demo_config(mock_url: str = "http://127.0.0.1:8001", *, backoff: float | None = None, **changes: Any) -> Config:
+    """The built-in demo configuration at ``mock_url``; ``backoff`` shortens the waits
+    (configuration only: the logic is the same as with the default 2 s)."""
+    config = Config.default(mock_url=mock_url)
+    if backoff is not None:
+        changes["retry"] = RetryPolicy(backoff_base=backoff, backoff_max=backoff * 8)
+    return attrs.evolve(config, **changes)
+
+
+async def start_gateway(nursery: trio.Nursery, config: Config, **options: Any) -> str:
+    """Serve the gateway on 127.0.0.1, a free port; return its base URL."""
+    [url] = await nursery.start(partial(serve_gateway, config, port=0, handle_signals=False, **options))
+    return url
