@@ -32,7 +32,6 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import unquote
 
 import httpx
 import trio
@@ -169,7 +168,7 @@ class ASGIStreamingTransport(httpx.AsyncBaseTransport):
             "http_version": "1.1",
             "method": request.method,
             "scheme": url.scheme,
-            "path": unquote(url.path),
+            "path": url.path,  # httpx decodes it already
             "raw_path": url.raw_path.partition(b"?")[0],
             "query_string": url.query,
             "root_path": "",
