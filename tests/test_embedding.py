@@ -13,7 +13,7 @@ import trio
 
 from gateway_fixtures import demo_config
 from mock_server import open_mock_transport
-from mock_server.faults import parse_failures_config
+from mock_server.faults import FaultProfile
 from orchestrator import errors
 from orchestrator.backoff import backoff_delay
 from orchestrator.config import RetryPolicy
@@ -29,8 +29,8 @@ async def gw(mock_state):
             yield gw
 
 
-def fail(mock_state, **profile):
-    mock_state.configure(parse_failures_config(profile))
+def fail(mock_state, provider="openai", **profile):
+    mock_state.configure(FaultProfile(**profile), provider)
 
 
 async def test_chat_completion(autojump_clock, gw, mock_state):
