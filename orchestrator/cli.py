@@ -3,7 +3,13 @@
 ::
 
     orchestrator serve [--config FILE] [--host H] [--port 8080] [--log-format text|json]
+    orchestrator load  [--bursts N --concurrency C | --rate R --duration S] ...
+    orchestrator demo  [--start] [--fast]
     python -m orchestrator ...          (same; ``serve`` is the default command)
+
+``load`` and ``demo`` live in their own modules (``orchestrator.load``,
+``orchestrator.demo``), each with ``add_arguments(parser)`` and ``run(args) -> int``;
+they are imported only when used.
 """
 
 from __future__ import annotations
@@ -17,10 +23,18 @@ from orchestrator.logs import configure
 
 __all__ = ["main"]
 
-COMMANDS = ("serve",)
+import importlib
+
+#: Commands served by a module of their own: name -> (module, help).
+TOOL_COMMANDS = {
+    "load": ("orchestrator.load", "fire bursts of concurrent requests at a gateway and report"),
+    "demo": ("orchestrator.demo", "run the seed's five demo scenarios and check each one"),
+}
+COMMANDS = ("serve", *TOOL_COMMANDS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a tool command's own arguments are added only when it is ``command``."""
     parser = argparse.ArgumentParser(prog="orchestrator", description="A resilient OpenAI-compatible LLM gateway.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the gateway over HTTP (the default command)")
@@ -33,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve the mock provider in the same process (what make run does)")
     serve.add_argument("--mock-port", type=int, default=8001, help="the mock's port with --with-mock (default 8001)")
     serve.add_argument("--mock-seed", type=int, default=None, help="seed of the mock's fault generators")
+    for name, (module, help_text) in TOOL_COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(sub)
     return parser
 
 
@@ -40,10 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
         args_list.insert(0, "serve")
-    args = build_parser().parse_args(args_list)
+    args = build_parser(args_list[0]).parse_args(args_list)
     if args.command == "serve":
         return _serve(args)
-    return 2
+    module, _ = TOOL_COMMANDS[args.command]
+    return int(importlib.import_module(module).run(args))
 
 
 def _serve(args: argparse.Namespace) -> int:
