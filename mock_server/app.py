@@ -222,27 +222,29 @@ async def _play(
 ) -> AsyncIterator[bytes]:
     """Send a stream script, bent by its fault. Abandoning it counts as a disconnect.
 
-    The head goes at once; slow_first_token then waits before the first content chunk,
-    stream_stall after it, malformed_chunk adds its bad line after it; stream_cut ends
-    the body after ``stream_cut_after_chunks`` content chunks; no_done leaves out the
-    terminator. ``chunk_delay_ms`` paces the content chunks.
+    The head goes at once; slow_first_token then waits before the first content chunk;
+    stream_stall waits, and malformed_chunk adds its bad line, after
+    ``stream_fault_after_chunks`` content chunks; stream_cut ends the body after
+    ``stream_cut_after_chunks`` content chunks; no_done leaves out the terminator.
+    ``chunk_delay_ms`` paces the content chunks.
     """
     try:
         yield script.head
         if fault is FaultKind.SLOW_FIRST_TOKEN:
             await trio.sleep(profile.first_token_delay_seconds)
         cut_after = profile.stream_cut_after_chunks if fault is FaultKind.STREAM_CUT else -1
+        strike_after = min(profile.stream_fault_after_chunks, len(script.pieces))
         pause = profile.chunk_delay_ms / 1000
-        for index, piece in enumerate(script.pieces):
-            if index == cut_after:
-                return
+        for index, piece in enumerate([*script.pieces, None]):
+            if index == strike_after and fault is FaultKind.MALFORMED_CHUNK:
+                yield script.malformed
+            elif index == strike_after and fault is FaultKind.STREAM_STALL:
+                await trio.sleep(profile.stream_stall_seconds)
+            if index == cut_after or piece is None:
+                break
             if index and pause:
                 await trio.sleep(pause)
             yield piece
-            if index == 0 and fault is FaultKind.MALFORMED_CHUNK:
-                yield script.malformed
-            elif index == 0 and fault is FaultKind.STREAM_STALL:
-                await trio.sleep(profile.stream_stall_seconds)
         if fault is FaultKind.STREAM_CUT:
             return
         yield script.tail if fault is FaultKind.NO_DONE else script.tail + script.end

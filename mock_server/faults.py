@@ -148,10 +148,15 @@ class FaultProfile:
     stream_cut_after_chunks: int = attrs.field(
         default=2, converter=attrs.Converter(_to_count, takes_field=True)
     )
-    #: The stream sends nothing for this long after its first content chunk.
+    #: stream_stall and malformed_chunk strike after this many content chunks: 0 puts
+    #: them before the first content (before a gateway's commit point).
+    stream_fault_after_chunks: int = attrs.field(
+        default=1, converter=attrs.Converter(_to_count, takes_field=True)
+    )
+    #: The stream sends nothing for this long after ``stream_fault_after_chunks`` chunks.
     stream_stall_probability: float = _probability()
     stream_stall_seconds: float = _duration(30.0)
-    #: A data line that is not JSON follows the first content chunk.
+    #: A data line that is not JSON follows ``stream_fault_after_chunks`` content chunks.
     malformed_chunk_probability: float = _probability()
     #: Streams: the first content chunk waits this long (the role chunk does not).
     #: Non-streaming requests: the whole response waits this long.

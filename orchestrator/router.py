@@ -383,6 +383,8 @@ def describe_failure(failed: Failed) -> str:
         return "timeout"
     if error_class is ErrorClass.TRANSIENT and failed.status is None:
         return "connection_error"
+    if error_class is ErrorClass.TRANSIENT and failed.status == 200:
+        return "stream_cut"  # the stream began, then ended before its first content
     return _LABELS.get(error_class, error_class.value)
 
 

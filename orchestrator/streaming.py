@@ -61,7 +61,7 @@ class ChunkStream:
         self.finish_reason: str | None = None
         self.continuations = 0
         self._text: list[str] = []
-        self._delivered_chunks = 0
+        self._content_chunks = 0
         self._prefix_chunks = 0
         self._tool_calls_seen = False
         self._done = False
@@ -112,7 +112,7 @@ class ChunkStream:
             if not await self._continue(item):
                 self._done = True
                 raise StreamInterrupted(
-                    f"The answer was interrupted after {self._delivered_chunks} chunks: {item.message}",
+                    f"The answer was interrupted after {self._content_chunks} chunks: {item.message}",
                     attempts=tuple(self._journey.attempts),
                     request_id=self._journey.request_id,
                 )
@@ -128,13 +128,13 @@ class ChunkStream:
     def _present(self, chunk: dict[str, Any]) -> dict[str, Any]:
         # One answer, one id: continuation chunks come from another upstream response.
         chunk["id"] = self.id
-        self._delivered_chunks += 1
         for choice in chunk.get("choices", ()):
             delta = choice.get("delta")
             if delta:
                 content = delta.get("content")
                 if content:
                     self._text.append(content)
+                    self._content_chunks += 1
                 if delta.get("tool_calls") or delta.get("function_call"):
                     self._tool_calls_seen = True
         model = chunk.get("model")
@@ -169,11 +169,11 @@ class ChunkStream:
         text = self.text
         if broken.error_class is ErrorClass.DEADLINE or not deployments or not text or self._tool_calls_seen:
             event(logging.WARNING, journey.request_id, "stream_broken",
-                  f"stream from {self.provider} broke after {self._delivered_chunks} chunks: {broken.message}",
+                  f"stream from {self.provider} broke after {self._content_chunks} chunks: {broken.message}",
                   provider=self.provider, reason=broken.error_class.value)
             return False
         event(logging.WARNING, journey.request_id, "stream_continue",
-              f"stream from {self.provider} broke after {self._delivered_chunks} chunks ({broken.message});"
+              f"stream from {self.provider} broke after {self._content_chunks} chunks ({broken.message});"
               f" continuing on {deployments[0].provider} from the {len(text)} characters delivered",
               provider=self.provider, reason=broken.error_class.value, target=deployments[0].provider)
         messages = [*self._request.body["messages"], {"role": "assistant", "content": text}]
@@ -187,7 +187,7 @@ class ChunkStream:
             return False
         stream = opened.outcome
         self.continuations += 1
-        self._prefix_chunks = self._delivered_chunks
+        self._prefix_chunks = self._content_chunks
         self._deployment = opened.deployment
         self.provider = opened.deployment.provider
         self._scope = opened.scope

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from functools import partial
 from typing import Any
 
 import attrs
 import trio
 
+from mock_server.faults import FaultProfile, decide
 from orchestrator.config import Config, RetryPolicy
 from orchestrator.server import serve_gateway
 
@@ -24,6 +26,17 @@ def demo_config(mock_url: str = "http://127.0.0.1:8001", *, backoff: float | Non
     if backoff is not None:
         changes["retry"] = RetryPolicy(backoff_base=backoff, backoff_max=backoff * 8)
     return attrs.evolve(config, **changes)
+
+
+def seed_giving(profile: dict[str, Any], outcomes: list[str | None], *, streaming: bool = False) -> int:
+    """A mock seed under which ``profile`` gives these faults in order (None: healthy)."""
+    fault_profile = FaultProfile(**profile)
+    for seed in range(10_000):
+        rng = random.Random(seed)
+        drawn = [decide(fault_profile, rng, streaming=streaming).fault for _ in outcomes]
+        if [fault.value if fault else None for fault in drawn] == outcomes:
+            return seed
+    raise AssertionError("no seed gives that sequence")
 
 
 async def start_gateway(nursery: trio.Nursery, config: Config, **options: Any) -> str:

@@ -9,15 +9,13 @@ gateway's backoff are shortened through configuration only.
 from __future__ import annotations
 
 import logging
-import random
 
 import httpx
 import openai
 import pytest
 import trio
 
-from gateway_fixtures import CURL_FORM, SEED_BODY, SEED_BODY_MULTILINE, demo_config, start_gateway
-from mock_server.faults import decide, parse_failures_config
+from gateway_fixtures import CURL_FORM, SEED_BODY, SEED_BODY_MULTILINE, demo_config, seed_giving, start_gateway
 
 
 @pytest.fixture
@@ -65,17 +63,6 @@ async def test_scenario_1_normal_success(client, mock_server_url, gateway_url, c
     assert witnessed["openai"]["requests"] == 1 and witnessed["anthropic"]["requests"] == 0
     journey = [r for r in caplog.records if getattr(r, "request_id", None) == request_id]
     assert [r.event for r in journey] == ["accepted", "attempt", "done"]
-
-
-def seed_giving(profile_body: dict, outcomes: list[str | None]) -> int:
-    """A mock seed under which ``profile_body`` gives these faults in order (None: healthy)."""
-    profile = parse_failures_config(profile_body).profile
-    for seed in range(10_000):
-        rng = random.Random(seed)
-        drawn = [decide(profile, rng, streaming=False).fault for _ in outcomes]
-        if [fault.value if fault else None for fault in drawn] == outcomes:
-            return seed
-    raise AssertionError("no seed found")
 
 
 async def test_scenario_2_timeouts_are_retried_with_growing_waits(client, mock_server_url, gateway_url, mock_state,

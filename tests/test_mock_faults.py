@@ -41,7 +41,9 @@ def test_the_issue_names_every_field():
         "stream_stall_seconds", "malformed_chunk_probability", "slow_first_token_probability",
         "first_token_delay_seconds", "latency_ms", "seed",
     }  # fmt: skip
-    extra_fields = {"no_done_probability", "chunk_delay_ms", "prefill_supported"}
+    extra_fields = {
+        "no_done_probability", "chunk_delay_ms", "prefill_supported", "stream_fault_after_chunks",
+    }  # fmt: skip
     assert {field.name for field in attrs.fields(FaultProfile)} == issue_fields | extra_fields
 
 
