@@ -5,7 +5,7 @@
 translate HTTP to calls on the handle and back; every decision lives in the router.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /health``. Every response, errors included, carries ``x-request-id``,
+``GET /health``, and ``POST /admin/providers/<name>/reset`` (admin key only). Every response, errors included, carries ``x-request-id``,
 ``x-orchestrator-provider`` and ``x-orchestrator-attempts``; every error has
 OpenAI's shape, and errors the gateway made after retrying carry
 ``x-should-retry: false`` so SDKs do not retry them again.
@@ -19,6 +19,7 @@ chunks; a client that disconnects raises ``Cancelled`` inside it, and its
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from orchestrator.errors import AuthenticationError, GatewayError, StreamInterrupted
 from orchestrator.hosting import ShieldedHTTPConnection
@@ -60,14 +61,20 @@ def create_app(gw: Orchestrator) -> QuartTrio:
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
     client_keys = [key.encode() for key in config.client_keys]
+    admin_keys = [key.encode() for key in config.admin_keys]
 
     @app.before_request
     async def identify() -> Response | None:
         g.request_id = sane_request_id(request.headers.get("x-request-id"))
         g.provider = "none"
         g.attempts = 0
+        g.client = None
         if client_keys and request.path.startswith("/v1/"):
-            _authenticate(request.headers.get("authorization"), client_keys)
+            g.client = _authenticate(request.headers.get("authorization"), client_keys)
+        elif request.path.startswith("/admin/"):
+            if not admin_keys:
+                raise NotFound()  # no admin key configured: the admin API does not exist
+            g.client = _authenticate(request.headers.get("authorization"), admin_keys)
         return None
 
     @app.after_request
@@ -83,9 +90,9 @@ def create_app(gw: Orchestrator) -> QuartTrio:
         timeout = parse_request_timeout(request.headers.get("x-request-timeout"))
         body = parse_body(await request.get_data(cache=False))
         if body.get("stream") is True:
-            stream = await gw.open_stream(body, request_id=g.request_id, timeout=timeout)
+            stream = await gw.open_stream(body, request_id=g.request_id, timeout=timeout, client=g.client)
             return await _stream_response(stream)
-        completion = await gw.chat_completion(body, request_id=g.request_id, timeout=timeout)
+        completion = await gw.chat_completion(body, request_id=g.request_id, timeout=timeout, client=g.client)
         g.provider = completion.provider
         g.attempts = len([attempt for attempt in completion.attempts if attempt.number is not None])
         return Response(orjson.dumps(completion.body), 200, content_type=JSON)
@@ -97,6 +104,13 @@ def create_app(gw: Orchestrator) -> QuartTrio:
     @app.get("/health")
     async def health() -> Response:
         return _json(await gw.health())
+
+    @app.post("/admin/providers/<name>/reset")
+    async def reset_provider(name: str) -> Response:
+        if name not in {provider.name for provider in config.providers}:
+            raise NotFound()
+        snapshot = await gw.reset_provider(name, reason=f"admin request {g.request_id} (key {g.client})")
+        return _json({"provider": name, **snapshot})
 
     @app.errorhandler(GatewayError)
     async def gateway_error(error: GatewayError) -> Response:
@@ -160,7 +174,8 @@ async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
         stream.close()
 
 
-def _authenticate(header: str | None, keys: list[bytes]) -> None:
+def _authenticate(header: str | None, keys: list[bytes]) -> str:
+    """Check a bearer token against ``keys`` in constant time; return its short key id."""
     scheme, _, token = (header or "").partition(" ")
     presented = token.strip().encode()
     # Compare against every key, always, so timing says nothing about which matched.
@@ -168,9 +183,17 @@ def _authenticate(header: str | None, keys: list[bytes]) -> None:
     for key in keys:
         matched |= hmac.compare_digest(presented, key)
     if scheme.lower() != "bearer" or not matched:
+        if presented:
+            event(logging.INFO, g.request_id, "unauthorized", f"rejected key {key_id(presented)} on {request.path}")
         raise AuthenticationError(
             "Missing or invalid API key: send 'Authorization: Bearer <key>' with a key this gateway accepts."
         )
+    return key_id(presented)
+
+
+def key_id(key: bytes) -> str:
+    """A short, non-reversible id of a key, for logs: ``key_1a2b3c4d``."""
+    return "key_" + hashlib.sha256(key).hexdigest()[:8]
 
 
 def _error_response(error: GatewayError) -> Response:

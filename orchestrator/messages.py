@@ -33,6 +33,7 @@ __all__ = [
     "ProviderSnapshot",
     "Refused",
     "RefusalReason",
+    "ResetRequest",
     "SnapshotRequest",
     "StreamBroken",
     "StreamEnd",
@@ -126,6 +127,17 @@ class SnapshotRequest:
     """Ask an actor for a :class:`ProviderSnapshot` of its state."""
 
     reply: trio.MemorySendChannel[ProviderSnapshot]
+
+
+@attrs.frozen(eq=False)
+class ResetRequest:
+    """Ask an actor to close its circuit and forget its rate limit (an admin action).
+
+    The reply is the :class:`ProviderSnapshot` after the reset.
+    """
+
+    reply: trio.MemorySendChannel[ProviderSnapshot]
+    reason: str
 
 
 # -- outcomes -----------------------------------------------------------------------

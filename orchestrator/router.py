@@ -83,7 +83,7 @@ class Journey:
     them in headers, error bodies and the final log line).
     """
 
-    __slots__ = ("request_id", "started", "deadline", "attempts", "network_attempts", "provider", "model")
+    __slots__ = ("request_id", "started", "deadline", "attempts", "network_attempts", "provider", "model", "client")
 
     def __init__(self, request_id: str, *, started: float, deadline: float) -> None:
         self.request_id = request_id
@@ -93,6 +93,8 @@ class Journey:
         self.network_attempts = 0
         self.provider: str | None = None
         self.model: str | None = None
+        #: A short, non-reversible id of the client key that sent the request, if any.
+        self.client: str | None = None
 
     def remaining(self) -> float:
         return self.deadline - trio.current_time()

@@ -90,14 +90,16 @@ class Orchestrator:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        client: str | None = None,
     ) -> Completion:
         """Answer a non-streaming chat-completions request.
 
-        ``timeout`` lowers the configured deadline for this request. Blocks for the
+        ``timeout`` lowers the configured deadline for this request; ``client`` is a
+        short id of the caller for the logs (never a key). Blocks for the
         whole journey (attempts, backoff waits, failovers), never past the deadline.
         Raises :class:`~orchestrator.errors.GatewayError` subclasses.
         """
-        journey = self._start(request_id, timeout)
+        journey = self._start(request_id, timeout, client)
         try:
             chat = self._validate(request, stream=False)
             self._accept(chat, journey)
@@ -119,6 +121,7 @@ class Orchestrator:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        client: str | None = None,
     ) -> ChunkStream:
         """Route a streaming request up to its commit point and return its chunks.
 
@@ -127,7 +130,7 @@ class Orchestrator:
         The caller must :meth:`ChunkStream.close` the stream; prefer
         :meth:`stream_chat_completion`, which does.
         """
-        journey = self._start(request_id, timeout)
+        journey = self._start(request_id, timeout, client)
         try:
             chat = self._validate(request, stream=True)
             self._accept(chat, journey)
@@ -151,6 +154,7 @@ class Orchestrator:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        client: str | None = None,
     ) -> AsyncIterator[ChunkStream]:
         """``async with gw.stream_chat_completion(req) as chunks: async for chunk in chunks``.
 
@@ -158,13 +162,21 @@ class Orchestrator:
         :class:`~orchestrator.errors.StreamInterrupted` if the answer breaks and cannot
         be continued; leaving the block early cancels the upstream call.
         """
-        stream = await self.open_stream(request, request_id=request_id, timeout=timeout)
+        stream = await self.open_stream(request, request_id=request_id, timeout=timeout, client=client)
         try:
             yield stream
         finally:
             stream.close()
 
     # -- state ---------------------------------------------------------------------
+
+    async def reset_provider(self, name: str, *, reason: str) -> dict[str, Any]:
+        """Close ``name``'s circuit and clear its rate limit (an admin action).
+
+        Raises ``KeyError`` for an unknown provider.
+        """
+        snapshot = await self._actors[name].reset(reason)
+        return snapshot.as_json(trio.current_time())
 
     async def health(self) -> dict[str, Any]:
         """Every provider's circuit, rate-limit state and load, from its actor."""
@@ -196,10 +208,11 @@ class Orchestrator:
 
     # -- internals -------------------------------------------------------------------
 
-    def _start(self, request_id: str | None, timeout: float | None) -> Journey:
+    def _start(self, request_id: str | None, timeout: float | None, client: str | None) -> Journey:
         now = trio.current_time()
         budget = self.config.deadline if timeout is None else min(timeout, self.config.deadline)
         journey = Journey(sane_request_id(request_id), started=now, deadline=now + budget)
+        journey.client = client
         return journey
 
     def _validate(self, request: Mapping[str, Any] | ChatRequest, *, stream: bool) -> ChatRequest:
@@ -222,10 +235,11 @@ class Orchestrator:
                 retry_after=1,
             )
         self._in_flight += 1
+        client = f" client={journey.client}" if journey.client else ""
         event(INFO, journey.request_id, "accepted",
               f"request accepted: model={chat.model} stream={str(chat.stream).lower()}"
-              f" deadline={journey.deadline - journey.started:g}s",
-              model=chat.model, stream=chat.stream)
+              f" deadline={journey.deadline - journey.started:g}s{client}",
+              model=chat.model, stream=chat.stream, client=journey.client)
 
     def _log_success(self, journey: Journey, status: int) -> None:
         elapsed = trio.current_time() - journey.started

@@ -50,6 +50,7 @@ from orchestrator.messages import (
     ProviderSnapshot,
     RefusalReason,
     Refused,
+    ResetRequest,
     SnapshotRequest,
     StreamBroken,
     StreamEnd,
@@ -106,7 +107,7 @@ class ActorHandle:
 
     name: str
     kind: str
-    _inbox: trio.MemorySendChannel[Call | SnapshotRequest]
+    _inbox: trio.MemorySendChannel[Call | SnapshotRequest | ResetRequest]
 
     def submit(self, call: Call) -> bool:
         """Hand ``call`` to the actor without blocking; False if its inbox is full.
@@ -123,9 +124,16 @@ class ActorHandle:
 
     async def snapshot(self) -> ProviderSnapshot:
         """The actor's state now; blocks only for the actor's answer."""
+        return await self._ask(SnapshotRequest)
+
+    async def reset(self, reason: str) -> ProviderSnapshot:
+        """Close the circuit and clear the rate limit; returns the state afterwards."""
+        return await self._ask(lambda reply: ResetRequest(reply, reason))
+
+    async def _ask(self, message: Any) -> ProviderSnapshot:
         reply_send, reply_receive = trio.open_memory_channel[ProviderSnapshot](1)
         try:
-            await self._inbox.send(SnapshotRequest(reply_send))
+            await self._inbox.send(message(reply_send))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorStopped(f"the actor for provider {self.name!r} is not running") from None
         with reply_receive:
@@ -156,7 +164,7 @@ class ProviderActor:
         self._rate_limited_until: float | None = None
         self._in_flight = 0
         self._totals: Counter[str] = Counter()
-        self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest](
+        self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
             max(64, config.max_concurrency)
         )
 
@@ -174,9 +182,11 @@ class ProviderActor:
                 async for message in self._inbox:
                     if isinstance(message, Call):
                         self._admit(message, attempts, pool)
-                    else:
-                        message.reply.send_nowait(self._snapshot())
-                        message.reply.close()
+                        continue
+                    if isinstance(message, ResetRequest):
+                        self._reset(message.reason)
+                    message.reply.send_nowait(self._snapshot())
+                    message.reply.close()
         finally:
             self._close_inbox()
             await pool.aclose()
@@ -397,6 +407,14 @@ class ProviderActor:
         if change is not None:
             event(logging.WARNING, request_id, "circuit", f"circuit for {self.config.name} {change}",
                   logger=logger, provider=self.config.name, circuit=self._breaker.state.value)
+
+    def _reset(self, reason: str) -> None:
+        # Calls in flight keep their old admissions: the new breaker ignores them as stale.
+        epoch = self._breaker.epoch + 1
+        self._breaker = Breaker(self.config.breaker, epoch=epoch)
+        self._rate_limited_until = None
+        event(logging.WARNING, "-", "circuit", f"circuit for {self.config.name} reset to CLOSED: {reason}",
+              logger=logger, provider=self.config.name, circuit="closed")
 
     def _snapshot(self) -> ProviderSnapshot:
         now = trio.current_time()
