@@ -44,8 +44,6 @@ logger = logging.getLogger("orchestrator.app")
 JSON = "application/json"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE = b"data: [DONE]\n\n"
-#: How long a client may take to send its request body.
-BODY_TIMEOUT = 30.0
 
 
 def create_app(gw: Orchestrator) -> QuartTrio:
@@ -55,7 +53,7 @@ def create_app(gw: Orchestrator) -> QuartTrio:
     config = gw.config
     app.config.update(
         MAX_CONTENT_LENGTH=config.max_body_bytes,
-        BODY_TIMEOUT=BODY_TIMEOUT,
+        BODY_TIMEOUT=config.body_timeout,
         # A streamed answer may run as long as the request's deadline, never longer.
         RESPONSE_TIMEOUT=config.deadline + 5.0,
         PROVIDE_AUTOMATIC_OPTIONS=False,

@@ -164,6 +164,10 @@ class Config:
     admin_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     #: How long in-flight requests may finish after SIGTERM before they are cancelled.
     shutdown_grace: float | None = None
+    #: How long a client may take to send its request body.
+    body_timeout: float = 30.0
+    #: How long an idle connection (or one still sending its request head) stays open.
+    keep_alive: float = 5.0
 
     def provider(self, name: str) -> ProviderConfig:
         for provider in self.providers:
@@ -266,6 +270,8 @@ class Config:
             client_keys=client_keys,
             admin_keys=admin_keys,
             shutdown_grace=top.number("shutdown_grace_seconds", None, minimum=0.0),
+            body_timeout=top.number("body_timeout_seconds", _default(cls, "body_timeout"), minimum=0.001),
+            keep_alive=top.number("keep_alive_seconds", _default(cls, "keep_alive"), minimum=0.001),
         )
         top.finish()
         if set(client_keys) & set(admin_keys):

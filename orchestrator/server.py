@@ -48,7 +48,13 @@ async def serve_gateway(
     ``task_status`` (``port=0`` binds a free port)."""
     async with open_orchestrator(config, transport=transport) as gw:
         app = create_app(gw)
-        options = dict(host=host, port=port, graceful_timeout=config.grace_period, task_status=task_status)
+        options = dict(
+            host=host,
+            port=port,
+            graceful_timeout=config.grace_period,
+            keep_alive_timeout=config.keep_alive,
+            task_status=task_status,
+        )
         if handle_signals:
             await hosting.serve_until_signalled(app, **options)
         else:
