@@ -1,0 +1,204 @@
+"""The provider actor on its own, messaged directly, against the mock app in-process.
+
+No router here: these tests send ``Call`` messages the way the router does and read
+the typed outcomes, under the autojump clock so breaker intervals are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from mock_server import open_mock_transport
+from mock_server.faults import FaultProfile
+from orchestrator.config import Config
+from orchestrator.messages import (
+    Call,
+    Completed,
+    ErrorClass,
+    Failed,
+    Refused,
+    RefusalReason,
+    StreamEnd,
+    StreamOpened,
+)
+from providers.actor import ActorStopped, ProviderActor
+
+BODY = {"model": "gpt-4", "messages": [{"role": "user", "content": "hello there"}]}
+CONFIG = Config.default()
+
+
+@pytest.fixture
+async def transport(mock_state):
+    async with open_mock_transport(mock_state) as transport:
+        yield transport
+
+
+async def start(nursery, transport, name: str = "openai"):
+    return await nursery.start(ProviderActor(CONFIG.provider(name), transport=transport).run)
+
+
+def call(*, stream: bool = False, deadline: float = 1e9, body: dict[str, Any] = BODY):
+    reply_send, reply_receive = trio.open_memory_channel(1)
+    scope = trio.CancelScope()
+    return Call("req_test", dict(body), stream, trio.current_time() + deadline, scope, reply_send), reply_receive
+
+
+async def ask(actor, **kwargs):
+    message, reply = call(**kwargs)
+    assert actor.submit(message)
+    async with reply:
+        return await reply.receive(), message.scope
+
+
+async def test_five_server_errors_open_the_circuit_and_the_sixth_never_arrives(
+    autojump_clock, nursery, transport, mock_state
+):
+    mock_state.configure(FaultProfile(server_error_probability=1.0))
+    actor = await start(nursery, transport)
+    for _ in range(5):
+        outcome, _ = await ask(actor)
+        assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.SERVER_ERROR
+    opened_at = trio.current_time()
+    sixth, _ = await ask(actor)
+    assert sixth == Refused(RefusalReason.CIRCUIT_OPEN, pytest.approx(10.0))
+    assert mock_state["openai"].stats.requests == 5  # the sixth never reached the provider
+    await trio.sleep(10 - 0.001)
+    assert isinstance((await ask(actor))[0], Refused)
+    mock_state.configure(FaultProfile())
+    await trio.sleep(0.001)
+    assert trio.current_time() == pytest.approx(opened_at + 10)
+    # Exactly one probe: a second call while the probe is in flight is refused.
+    mock_state.configure(FaultProfile(latency_ms=1000))
+    async with trio.open_nursery() as probing:
+        probe_result = []
+
+        async def probe():
+            probe_result.append((await ask(actor))[0])
+
+        probing.start_soon(probe)
+        await trio.testing.wait_all_tasks_blocked()
+        refused, _ = await ask(actor)
+        assert refused.reason is RefusalReason.CIRCUIT_OPEN
+    assert isinstance(probe_result[0], Completed)
+    snapshot = await actor.snapshot()
+    assert snapshot.circuit == "closed" and snapshot.consecutive_failures == 0
+    assert snapshot.totals == {"server_error": 5, "circuit_open": 3, "ok": 1}
+
+
+async def test_a_cancelled_probe_gives_its_slot_back(autojump_clock, nursery, transport, mock_state):
+    mock_state.configure(FaultProfile(server_error_probability=1.0))
+    actor = await start(nursery, transport)
+    for _ in range(5):
+        await ask(actor)
+    await trio.sleep(10)
+    mock_state.configure(FaultProfile(latency_ms=5000))
+    message, reply = call()
+    assert actor.submit(message)
+    await trio.testing.wait_all_tasks_blocked()
+    message.scope.cancel()  # the requester gives up on the probe
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await actor.snapshot()).circuit == "half_open"
+    mock_state.configure(FaultProfile())
+    outcome, _ = await ask(actor)  # the next call may probe at once
+    assert isinstance(outcome, Completed)
+    assert (await actor.snapshot()).circuit == "closed"
+
+
+async def test_rate_limits_refuse_without_a_call_until_retry_after(autojump_clock, nursery, transport, mock_state):
+    mock_state.configure(FaultProfile(rate_limit_probability=1.0, retry_after_seconds=3))
+    actor = await start(nursery, transport)
+    first, _ = await ask(actor)
+    assert first.error_class is ErrorClass.RATE_LIMITED and first.retry_after == 3
+    second, _ = await ask(actor)
+    assert second == Refused(RefusalReason.RATE_LIMITED, pytest.approx(3))
+    assert mock_state["openai"].stats.requests == 1
+    await trio.sleep(3)
+    mock_state.configure(FaultProfile())
+    assert isinstance((await ask(actor))[0], Completed)
+    assert (await actor.snapshot()).consecutive_failures == 0  # a 429 is not a health failure
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_both_adapters_give_openai_shaped_results(autojump_clock, nursery, transport, provider):
+    actor = await start(nursery, transport, provider)
+    body = {**BODY, "model": "claude-sonnet-4-5" if provider == "anthropic" else "gpt-4"}
+    completed, _ = await ask(actor, body=body)
+    assert isinstance(completed, Completed)
+    completion = completed.completion
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert set(completion["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+
+    opened, _ = await ask(actor, body=body, stream=True)
+    assert isinstance(opened, StreamOpened)
+    chunks = list(opened.head)
+    async with opened.chunks:
+        async for item in opened.chunks:
+            chunks.append(item)
+    end = chunks.pop()
+    assert isinstance(end, StreamEnd) and end.finish_reason == "stop"
+    assert end.usage["completion_tokens"] > 0
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert text == completion["choices"][0]["message"]["content"]
+
+
+async def test_cancelling_the_requester_stops_the_call_and_counts_nothing(
+    autojump_clock, nursery, transport, mock_state
+):
+    mock_state.configure(FaultProfile(latency_ms=5000))
+    actor = await start(nursery, transport)
+    message, reply = call()
+    assert actor.submit(message)
+    await trio.sleep(1)
+    message.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert mock_state["openai"].stats.disconnects == 1
+    async with reply:
+        with pytest.raises(trio.EndOfChannel):  # abandoned: no reply, and no hang
+            await reply.receive()
+    snapshot = await actor.snapshot()
+    assert snapshot.in_flight == 0 and snapshot.consecutive_failures == 0
+    assert snapshot.totals == {"cancelled": 1}
+
+
+async def test_cancelling_mid_stream_stops_the_upstream_stream(autojump_clock, nursery, transport, mock_state):
+    mock_state.configure(FaultProfile(chunk_delay_ms=100))
+    actor = await start(nursery, transport)
+    opened, scope = await ask(actor, stream=True)
+    assert isinstance(opened, StreamOpened)
+    await opened.chunks.receive()
+    scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert mock_state["openai"].stats.disconnects == 1
+    snapshot = await actor.snapshot()
+    assert snapshot.totals == {"cancelled": 1} and snapshot.in_flight == 0
+
+
+async def test_saturation_refuses_at_once(autojump_clock, nursery, transport, mock_state):
+    import attrs
+
+    mock_state.configure(FaultProfile(latency_ms=1000))
+    actor = await nursery.start(
+        ProviderActor(attrs.evolve(CONFIG.provider("openai"), max_concurrency=1), transport=transport).run
+    )
+    first, _ = call()
+    assert actor.submit(first)
+    await trio.testing.wait_all_tasks_blocked()
+    refused, _ = await ask(actor)
+    assert refused == Refused(RefusalReason.SATURATED, None)
+
+
+async def test_a_stopped_actor_fails_callers_at_once(autojump_clock, transport):
+    async with trio.open_nursery() as nursery:
+        actor = await start(nursery, transport)
+        nursery.cancel_scope.cancel()
+    with pytest.raises(ActorStopped):
+        actor.submit(call()[0])
+    with pytest.raises(ActorStopped):
+        await actor.snapshot()
