@@ -12,13 +12,16 @@ from orchestrator.logs import configure, event
 
 def capture(log_format: str) -> str:
     stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
     configure(log_format=log_format, level="INFO", stream=stream)
     try:
         event(logging.INFO, "req_abc", "backoff", "backoff: waiting 2.31s before attempt 2 to openai",
               provider="openai", wait_seconds=2.31)
         event(logging.DEBUG, "req_abc", "noise", "not shown at INFO")
     finally:
-        logging.getLogger().handlers.clear()
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
     return stream.getvalue()
 
 
