@@ -5,7 +5,8 @@
 translate HTTP to calls on the handle and back; every decision lives in the router.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /health``, and ``POST /admin/providers/<name>/reset`` (admin key only). Every response, errors included, carries ``x-request-id``,
+``GET /health``, ``GET /openapi.json`` (this app's OpenAPI description), and
+``POST /admin/providers/<name>/reset`` (admin key only). Every response, errors included, carries ``x-request-id``,
 ``x-orchestrator-provider`` and ``x-orchestrator-attempts``; every error has
 OpenAI's shape, and errors the gateway made after retrying carry
 ``x-should-retry: false`` so SDKs do not retry them again.
@@ -30,6 +31,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, NotFound
 
+from orchestrator import openapi
 from orchestrator.errors import AuthenticationError, GatewayError, StreamInterrupted
 from orchestrator.hosting import ShieldedHTTPConnection
 from orchestrator.logs import event
@@ -60,6 +62,7 @@ def create_app(gw: Orchestrator) -> QuartTrio:
     )
     client_keys = [key.encode() for key in config.client_keys]
     admin_keys = [key.encode() for key in config.admin_keys]
+    spec = orjson.dumps(openapi.document(config))  # built once: it depends on the config alone
 
     @app.before_request
     async def identify() -> Response | None:
@@ -102,6 +105,10 @@ def create_app(gw: Orchestrator) -> QuartTrio:
     @app.get("/health")
     async def health() -> Response:
         return _json(await gw.health())
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return Response(spec, 200, content_type=JSON)
 
     @app.post("/admin/providers/<name>/reset")
     async def reset_provider(name: str) -> Response:
