@@ -2,7 +2,7 @@
 
 ::
 
-    orchestrator serve [--config FILE] [--host H] [--port 8080] [--log-format text|json]
+    orchestrator serve [--config FILE] [--host H] [--port 8080] [--workers N] [--log-format text|json]
     orchestrator load  [--bursts N --concurrency C | --rate R --duration S] ...
     orchestrator demo  [--start] [--fast]
     python -m orchestrator ...          (same; ``serve`` is the default command)
@@ -43,6 +43,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
     serve.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--workers", type=_positive, default=1, metavar="N",
+                       help="worker processes serving the same port (default 1). Each is a whole gateway with"
+                            " its own provider actors, circuit breakers, limits and statistics: they share"
+                            " nothing but the port, so a provider's failures trip each worker's breaker"
+                            " separately and /health shows the worker that answered")
     serve.add_argument("--with-mock", action="store_true",
                        help="also serve the mock provider in the same process (what make run does)")
     serve.add_argument("--mock-port", type=int, default=8001, help="the mock's port with --with-mock (default 8001)")
@@ -68,18 +73,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     configure(log_format=args.log_format, level=args.log_level)
     try:
-        config = Config.from_toml(args.config) if args.config else Config.default()
+        if args.config:
+            config = Config.from_toml(args.config)
+        elif args.with_mock:  # the built-in set-up, pointed at the mock this run serves
+            config = Config.default(mock_url=f"http://{args.host}:{args.mock_port}")
+        else:
+            config = Config.default()
     except ConfigError as error:
         print(f"orchestrator: invalid configuration: {error}", file=sys.stderr)
         return 2
     from orchestrator.server import run_gateway
 
     failures: list[BaseException] = []
+    status = 0
     try:
-        run_gateway(
+        status = run_gateway(
             config,
             host=args.host,
             port=args.port,
+            workers=args.workers,
             mock_port=args.mock_port if args.with_mock else None,
             mock_seed=args.mock_seed,
         )
@@ -92,7 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
         reasons = "; ".join(sorted({str(error) for error in failures}))
         print(f"orchestrator: cannot serve on {args.host}: {reasons}", file=sys.stderr)
         return 1
-    return 0
+    return status
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

@@ -47,6 +47,7 @@ import argparse
 import datetime
 import fnmatch
 import math
+import os
 import random
 import re
 import secrets
@@ -129,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the report as JSON ('-': stdout)")
     parser.add_argument("--mock-url", metavar="URL",
                         help="the mock provider's base URL: report its /stats counts per request")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="sent as 'Authorization: Bearer KEY' (default: $ORCHESTRATOR_API_KEY, else none)")
 
 
 @attrs.frozen
@@ -149,6 +152,7 @@ class LoadOptions:
     seed: int = attrs.field(factory=lambda: secrets.randbelow(2**31))
     json_path: str | None = None
     mock_url: str | None = None
+    api_key: str | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         _check(self.concurrency >= 1, "--concurrency must be at least 1")
@@ -201,6 +205,7 @@ class LoadOptions:
             "json_path": args.json_path,
             "mock_url": args.mock_url.rstrip("/") if args.mock_url else None,
             "concurrency": args.concurrency,
+            "api_key": args.api_key or os.environ.get("ORCHESTRATOR_API_KEY"),
         }
         if open_loop:
             given.update(rate=args.rate, duration=args.duration)
@@ -697,7 +702,10 @@ def _open_client(options: LoadOptions) -> httpx.AsyncClient:
         keepalive_expiry=KEEPALIVE_EXPIRY,
     )
     transport = httpx.AsyncHTTPTransport(retries=0, limits=limits, trust_env=False)
-    return httpx.AsyncClient(base_url=options.url, transport=transport, timeout=None, trust_env=False)
+    headers = {"authorization": f"Bearer {options.api_key}"} if options.api_key else None
+    return httpx.AsyncClient(
+        base_url=options.url, transport=transport, timeout=None, trust_env=False, headers=headers
+    )
 
 
 async def discover_primary(client: httpx.AsyncClient, model: str) -> str | None:

@@ -249,3 +249,32 @@ deployments = [{{ provider = "openai" }}]
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_serve_with_mock_is_make_run_and_one_ctrl_c_stops_both():
+    port, mock_port = free_port(), free_port()
+    process = await trio.lowlevel.open_process(
+        [ORCHESTRATOR, "serve", "--with-mock", "--port", str(port), "--mock-port", str(mock_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        await client.get(f"http://127.0.0.1:{port}/health")
+                        break
+                    except httpx.ConnectError:
+                        await trio.sleep(0.05)
+            reset = await client.post(f"http://127.0.0.1:{mock_port}/config/failures", content=b"{}")
+            assert reset.status_code == 200
+            answer = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=SEED_BODY)
+            assert answer.status_code == 200
+            assert answer.headers["x-orchestrator-provider"] == "openai"
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

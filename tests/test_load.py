@@ -304,3 +304,14 @@ def test_percentiles_are_nearest_rank():
     assert (sample.p50, sample.p90, sample.p99, sample.max) == pytest.approx((50, 90, 99, 100))
     assert Percentiles.of_seconds([0.007]) == Percentiles(7.0, 7.0, 7.0, 7.0)
     assert Summary.of([], primary="openai").latency == Percentiles()
+
+
+async def test_an_api_key_reaches_a_gateway_that_needs_one(mock_server_url, nursery):
+    import attrs
+
+    config = attrs.evolve(demo_config(mock_server_url), client_keys=("sk-load-test-key",))
+    url = await start_gateway(nursery, config)
+    without = await load(url, None, bursts=1, concurrency=2, interval=0)
+    assert without.total.status == {401: 2}
+    with_key = await load(url, None, bursts=1, concurrency=2, interval=0, api_key="sk-load-test-key")
+    assert with_key.total.status == {200: 2}
