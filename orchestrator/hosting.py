@@ -10,7 +10,9 @@ gateway both serve through it::
         ...  # urls == ["http://127.0.0.1:53117"]
 
 or, for a command-line entry point, ``run(app, host=..., port=...)``, which serves until
-SIGINT or SIGTERM.
+SIGINT or SIGTERM. Several processes share one port through ``bind_sockets(host, port,
+count=N)`` (bound before they fork, one ``SO_REUSEPORT`` listener each) and
+``serve(app, sockets=[...])``.
 
 What it adds to ``hypercorn.trio.serve``:
 
@@ -48,6 +50,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 __all__ = [
     "ABORT_EXTENSION",
     "ShieldedHTTPConnection",
+    "bind_sockets",
     "hypercorn_config",
     "run",
     "serve",
@@ -114,11 +117,42 @@ def hypercorn_config(
     return config
 
 
+def bind_sockets(host: str, port: int, *, count: int = 1) -> list[socket.socket]:
+    """``count`` listening TCP sockets on ``host:port``, for ``serve(sockets=...)``.
+
+    With ``count`` above 1 each socket has ``SO_REUSEPORT``, so one process each can
+    accept on the same port and the kernel spreads new connections over them by
+    address hash (rather than waking every process for every connection). ``port=0``
+    binds the first to a free port and the others to the same one. Raises ``OSError``
+    if the address cannot be bound; nothing is left open then.
+    """
+    config = hypercorn_config(host=host, port=port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if count > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]
+            sock.listen(config.backlog)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def serve(
     app: ASGIFramework,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    sockets: list[socket.socket] | None = None,
     graceful_timeout: float = 3.0,
     keep_alive_timeout: float = 5.0,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
@@ -132,6 +166,9 @@ async def serve(
     when it is None: cancel the caller's scope to stop). Shutdown then closes the
     listeners, closes idle connections, gives in-flight requests ``graceful_timeout``
     seconds, cancels what is left, runs the lifespan shutdown and returns.
+
+    ``sockets`` (listening, from :func:`bind_sockets`) replaces binding ``host:port``;
+    ``serve`` closes them when it stops.
 
     Cancelling ``serve`` itself stops everything at once, with no grace period.
     """
@@ -151,8 +188,11 @@ async def serve(
 
         listeners = []
         urls = []
-        for sock in config.create_sockets().insecure_sockets:
-            sock.listen(config.backlog)
+        if sockets is None:
+            sockets = config.create_sockets().insecure_sockets
+            for sock in sockets:
+                sock.listen(config.backlog)
+        for sock in sockets:
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
             urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
         try:
