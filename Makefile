@@ -1,11 +1,15 @@
 # Two commands do all set-up on a fresh machine with python3 and make:
 #   make run    create the virtual environment if missing, install, serve
 #   make test   create/install (with the test extra) and run the whole suite
+# Benchmark (README "Performance"):
+#   make bench-peers   install the load generator (wrk, from Debian), the LiteLLM peer and
+#                      py-spy, each outside the project's venv (.peers/ is git-ignored)
+#   make bench         mock alone, gateway with 1 and 2 workers, LiteLLM: one run, one table
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test clean
+.PHONY: run test clean bench bench-peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +30,27 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+PEERS       := .peers
+LITELLM     := $(PEERS)/litellm-venv/bin/litellm
+PYSPY       := $(PEERS)/tools-venv/bin/py-spy
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# BENCH_ARGS, e.g. --duration 5 --concurrency 1 50 (python -m bench.run --help).
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-peers: $(LITELLM) $(PYSPY)
+	@command -v wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
+
+# LiteLLM as ../shared/peers/litellm/README.md installs it: its own venv, pinned.
+$(LITELLM):
+	$(PYTHON) -m venv $(PEERS)/litellm-venv
+	$(PEERS)/litellm-venv/bin/pip install --quiet 'litellm[proxy]==1.108.7'
+
+$(PYSPY):
+	$(PYTHON) -m venv $(PEERS)/tools-venv
+	$(PEERS)/tools-venv/bin/pip install --quiet py-spy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

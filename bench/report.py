@@ -1,0 +1,233 @@
+"""Judging a run: which cells count, the ratios between targets, the issue's targets.
+
+A **cell** is one target under one load (mock latency, streaming or not, connections).
+It is **refused** -- shown, but never used in a ratio or a target -- when any of these
+held over its measured seconds (the machine has two cores, shared with the mock, the
+load generator and, on a shared box, other people's work):
+
+- **errors** above 0.1% of requests (connect, read, write, timeout, non-2xx, and
+  streams that ended without ``data: [DONE]``);
+- **load generator saturated**: wrk (one thread) or the built-in generator used 90% or
+  more of one core: it, not the target, set the pace;
+- **mock saturated**: the mock (one single-threaded process) used 90% or more of one
+  core: the mock's own ceiling set the pace. For ``direct`` cells this is the mock
+  measuring itself, so a direct cell refused for it is no baseline either;
+- **noisy machine**: processes outside the run used 0.3 cores or more on average
+  (measured as the machine's busy time minus the run's own processes). Such a cell is
+  measured again, up to ``--retries`` times, before it is refused.
+
+The gateway itself saturating a core is *not* a refusal: that is what is measured.
+Neither is the machine being busy with the run's own processes: the gateway competes
+for the two cores with the mock and wrk, as the issue's targets say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Cell", "TargetCheck", "check_targets", "compare", "refusals", "table"]
+
+MAX_ERROR_RATE = 0.001
+SATURATED = 0.90
+NOISY = 0.30
+MIB = 1024 * 1024
+
+
+@dataclass
+class Cell:
+    target: str
+    latency_ms: int
+    mode: str
+    connections: int
+    requests: int
+    duration: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    #: CPU seconds of the target's processes over the cell, by process.
+    processes: list[dict[str, Any]]
+    rss_idle_mib: float
+    rss_peak_mib: float
+    mock_cpu: float
+    client_cpu: float
+    others_cpu: float
+    attempts: int = 1
+    refused: list[str] = field(default_factory=list)
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+    vs_direct: float | None = None
+    vs_litellm: float | None = None
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        return (self.latency_ms, self.mode, self.connections)
+
+    @property
+    def valid(self) -> bool:
+        return not self.refused
+
+    @property
+    def target_cpu(self) -> float:
+        return sum(process["cpu_s"] for process in self.processes)
+
+    @property
+    def cpu_per_request_ms(self) -> float:
+        return 1000 * self.target_cpu / self.requests if self.requests else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        total = self.requests + self.errors.get("connect", 0) + self.errors.get("timeout", 0)
+        return sum(self.errors.values()) / total if total else 1.0
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(valid=self.valid, target_cpu_s=round(self.target_cpu, 3),
+                    cpu_per_request_ms=round(self.cpu_per_request_ms, 3), error_rate=self.error_rate)
+        return data
+
+
+def refusals(cell: Cell, client: str) -> list[str]:
+    """Why ``cell`` cannot be used (empty: it can). See the module docstring."""
+    reasons = []
+    if cell.error_rate > MAX_ERROR_RATE:
+        reasons.append(f"errors {100 * cell.error_rate:.2f}% > {100 * MAX_ERROR_RATE:g}%")
+    if cell.client_cpu >= SATURATED:
+        reasons.append(f"{client} at {100 * cell.client_cpu:.0f}% of a core")
+    if cell.mock_cpu >= SATURATED:
+        reasons.append(f"mock at {100 * cell.mock_cpu:.0f}% of a core")
+    if cell.others_cpu >= NOISY:
+        reasons.append(f"noisy: other processes used {cell.others_cpu:.2f} cores")
+    return reasons
+
+
+def compare(cells: list[Cell]) -> None:
+    """Fill in latency added over direct and throughput ratios, from valid cells only."""
+    by_target = {(cell.target, cell.key): cell for cell in cells}
+    for cell in cells:
+        if not cell.valid:
+            continue
+        direct = by_target.get(("direct", cell.key))
+        if cell.target != "direct" and direct is not None and direct.valid:
+            cell.added_p50_ms = cell.p50_ms - direct.p50_ms
+            cell.added_p99_ms = cell.p99_ms - direct.p99_ms
+            cell.vs_direct = cell.rps / direct.rps if direct.rps else None
+        litellm = by_target.get(("litellm", cell.key))
+        if cell.target.startswith("gateway") and litellm is not None and litellm.valid and litellm.rps:
+            cell.vs_litellm = cell.rps / litellm.rps
+
+
+@dataclass
+class TargetCheck:
+    name: str
+    goal: str
+    value: str
+    met: bool | None  # None: not measurable in this run (the detail says why)
+    detail: str = ""
+
+
+def check_targets(cells: list[Cell]) -> list[TargetCheck]:
+    """The issue's targets, each from this run's cells."""
+    find = {(cell.target, cell.key): cell for cell in cells}
+    checks = []
+
+    def usable(*wanted: tuple[str, tuple[int, str, int]]) -> tuple[list[Cell], str]:
+        found = []
+        for name, key in wanted:
+            cell = find.get((name, key))
+            if cell is None:
+                return [], f"{name} {_describe(key)} not in this run"
+            if not cell.valid:
+                return [], f"{name} {_describe(key)} refused: {'; '.join(cell.refused)}"
+            found.append(cell)
+        return found, ""
+
+    key = (50, "json", 50)
+    found, why = usable(("gateway-1", key), ("direct", key))
+    if found:
+        ratio = found[0].rps / found[1].rps
+        checks.append(TargetCheck("throughput vs direct", "≥ 0.80 × direct at 50 ms, 50 connections, 1 worker",
+                                  f"{ratio:.2f} ×", ratio >= 0.8, f"{found[0].rps:.0f} vs {found[1].rps:.0f} req/s"))
+    else:
+        checks.append(TargetCheck("throughput vs direct", "≥ 0.80 × direct at 50 ms, 50 connections, 1 worker",
+                                  "—", None, why))
+    found, why = usable(("gateway-1", key), ("litellm", key))
+    if found:
+        ratio = found[0].rps / found[1].rps
+        checks.append(TargetCheck("throughput vs LiteLLM", "≥ 6 × LiteLLM at 50 ms, 50 connections, 1 worker",
+                                  f"{ratio:.1f} ×", ratio >= 6, f"{found[0].rps:.0f} vs {found[1].rps:.0f} req/s"))
+    else:
+        checks.append(TargetCheck("throughput vs LiteLLM", "≥ 6 × LiteLLM at 50 ms, 50 connections, 1 worker",
+                                  "—", None, why))
+
+    key = (0, "json", 1)
+    found, why = usable(("gateway-1", key), ("direct", key))
+    if found:
+        added_p50 = found[0].p50_ms - found[1].p50_ms
+        added_p99 = found[0].p99_ms - found[1].p99_ms
+        checks.append(TargetCheck("latency added", "p50 ≤ 1 ms and p99 ≤ 3 ms at 0 ms, concurrency 1",
+                                  f"p50 +{added_p50:.2f} ms, p99 +{added_p99:.2f} ms",
+                                  added_p50 <= 1.0 and added_p99 <= 3.0))
+    else:
+        checks.append(TargetCheck("latency added", "p50 ≤ 1 ms and p99 ≤ 3 ms at 0 ms, concurrency 1", "—", None, why))
+
+    crowded = [cell for cell in cells if cell.target == "gateway-1" and cell.connections >= 500]
+    if crowded:
+        errors = sum(sum(cell.errors.values()) for cell in crowded)
+        growth = max((cell.rss_peak_mib - cell.rss_idle_mib) * 1000 / cell.connections for cell in crowded)
+        checks.append(TargetCheck("500 in flight", "no errors; RSS growth ≤ 40 MiB per 1,000 in flight",
+                                  f"{errors} errors; {growth:.1f} MiB per 1,000", errors == 0 and growth <= 40,
+                                  f"over {len(crowded)} cells of 500 connections"))
+    else:
+        checks.append(TargetCheck("500 in flight", "no errors; RSS growth ≤ 40 MiB per 1,000 in flight", "—", None,
+                                  "no gateway-1 cell with 500 connections in this run"))
+
+    key = (50, "json", 50)
+    found, why = usable(("gateway-2", key), ("gateway-1", key))
+    if found:
+        ratio = found[0].rps / found[1].rps
+        cpu = ", ".join(f"{process['role']} {100 * process['cpu_s'] / found[0].duration:.0f}%"
+                        for process in found[0].processes)
+        checks.append(TargetCheck("two workers", "≥ 1.4 × one worker at 50 ms, 50 connections", f"{ratio:.2f} ×",
+                                  ratio >= 1.4, f"CPU of a core: {cpu}, mock {100 * found[0].mock_cpu:.0f}%,"
+                                  f" load generator {100 * found[0].client_cpu:.0f}%"))
+    else:
+        checks.append(TargetCheck("two workers", "≥ 1.4 × one worker at 50 ms, 50 connections", "—", None, why))
+    return checks
+
+
+def _describe(key: tuple[int, str, int]) -> str:
+    latency, mode, connections = key
+    return f"({latency} ms, {mode}, {connections} connections)"
+
+
+def _number(value: float | None, digits: int = 1, *, sign: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def table(cells: list[Cell], checks: list[TargetCheck]) -> str:
+    """The run as markdown: one row per cell, then the targets."""
+    lines = [
+        "| mock | mode | conns | target | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | × direct | × LiteLLM"
+        " | CPU ms/req | peak RSS MiB | errors | mock CPU | client CPU | refused because |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    order = {"direct": 0, "gateway-1": 1, "gateway-2": 2, "litellm": 3}
+    for cell in sorted(cells, key=lambda cell: (cell.key, order.get(cell.target, 9))):
+        lines.append(
+            f"| {cell.latency_ms} ms | {cell.mode} | {cell.connections} | {cell.target} | {cell.rps:.0f}"
+            f" | {cell.p50_ms:.2f} | {cell.p99_ms:.2f} | {_number(cell.added_p50_ms, 2, sign=True)}"
+            f" | {_number(cell.added_p99_ms, 2, sign=True)} | {_number(cell.vs_direct, 2)}"
+            f" | {_number(cell.vs_litellm, 1)} | {cell.cpu_per_request_ms:.2f} | {cell.rss_peak_mib:.0f}"
+            f" | {sum(cell.errors.values())} | {100 * cell.mock_cpu:.0f}% | {100 * cell.client_cpu:.0f}%"
+            f" | {'; '.join(cell.refused)} |"
+        )
+    lines += ["", "| target | goal | this run | met |", "|---|---|---|---|"]
+    for check in checks:
+        met = {True: "yes", False: "**no**", None: "not measured"}[check.met]
+        detail = f" ({check.detail})" if check.detail else ""
+        lines.append(f"| {check.name} | {check.goal} | {check.value}{detail} | {met} |")
+    return "\n".join(lines)

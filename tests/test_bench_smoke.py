@@ -1,0 +1,44 @@
+"""``make bench`` keeps working: its tiny mode runs end to end (speed is never asserted).
+
+The smoke run starts the mock and the gateway with one and two workers as real
+processes, loads each with the built-in generator (CI has no wrk) for a fraction of a
+second per cell, prints the table and writes the JSON. What is checked is the shape
+and that every request was answered, not how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_bench_runs_end_to_end_in_smoke_mode(tmp_path):
+    output = tmp_path / "bench.json"
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    result = json.loads(output.read_text())
+    cells = result["cells"]
+    assert {(cell["target"], cell["latency_ms"], cell["mode"]) for cell in cells} == {
+        (target, latency, mode)
+        for target in ("direct", "gateway-1", "gateway-2")
+        for latency in (0, 50)
+        for mode in ("json", "stream")
+    }
+    for cell in cells:
+        assert cell["requests"] > 0, cell
+        assert sum(cell["errors"].values()) == 0, cell
+        assert cell["processes"] and all(process["cpu_s"] >= 0 for process in cell["processes"])
+    two_workers = [cell for cell in cells if cell["target"] == "gateway-2"]
+    assert all(len(cell["processes"]) == 3 for cell in two_workers)  # supervisor and two workers
+    assert {check["name"] for check in result["targets"]} == {
+        "throughput vs direct", "throughput vs LiteLLM", "latency added", "500 in flight", "two workers",
+    }
+    assert "| mock | mode | conns | target |" in finished.stdout
