@@ -16,11 +16,11 @@ pattern built from the routes: a model no route matches is a 404, not a valid re
 
 from __future__ import annotations
 
-import re
+import fnmatch
 from typing import Any
 
 from orchestrator.config import Config, Route
-from orchestrator.validation import MAX_STOP_SEQUENCES, ROLES, USER_PART_TYPES
+from orchestrator.validation import MAX_STOP_SEQUENCES, ROLES, STEERING_FIELDS, USER_PART_TYPES
 
 __all__ = ["document"]
 
@@ -88,7 +88,7 @@ def _chat_completions(config: Config) -> dict[str, Any]:
             "that breaks after its first token ends with an error event "
             "`data: {\"error\": {...}}` and no `data: [DONE]`, unless it could be continued."
         ),
-        "parameters": [_ref_parameter("RequestId"), _ref_parameter("RequestTimeout")],
+        "parameters": [PARAMETERS["RequestId"], PARAMETERS["RequestTimeout"]],
         "requestBody": {
             "required": True,
             "content": {JSON: {"schema": _ref("ChatCompletionRequest"), "examples": _request_examples(config)}},
@@ -99,7 +99,7 @@ def _chat_completions(config: Config) -> dict[str, Any]:
                 "stream of `chat.completion.chunk` objects ending with `data: [DONE]`.",
                 {
                     JSON: {"schema": _ref("ChatCompletion")},
-                    SSE: {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`."}},
+                    SSE: {"schema": _ref("ChatCompletionEvent")},
                 },
             ),
             "400": _error("The request cannot succeed (`param` names the field), or a provider rejected it."),
@@ -206,10 +206,6 @@ def _header_ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/headers/{name}"}
 
 
-def _ref_parameter(name: str) -> dict[str, Any]:
-    return PARAMETERS[name]
-
-
 def _response(description: str, content: dict[str, Any], *, retry_after: bool = False) -> dict[str, Any]:
     headers = {
         "x-request-id": _header_ref("RequestId"),
@@ -301,14 +297,20 @@ def _forwarded(description: str) -> Schema:
 def _schemas(config: Config) -> dict[str, Schema]:
     return {
         "ChatCompletionRequest": _chat_request(config),
+        "Unsteered": UNSTEERED,
         **_message_schemas(),
         "ChatCompletion": CHAT_COMPLETION,
+        "ChatCompletionEvent": CHAT_COMPLETION_EVENT,
+        "ChatCompletionChunk": CHAT_COMPLETION_CHUNK,
         "Error": ERROR,
         "ModelList": MODEL_LIST,
         "Health": HEALTH,
         "ProviderState": PROVIDER_STATE,
-        "ProviderResetResult": {"allOf": [_ref("ProviderState")], "required": ["provider"],
-                                "properties": {"provider": {"type": "string"}}},
+        "ProviderResetResult": {
+            "allOf": [_ref("ProviderState")],
+            "required": ["provider"],
+            "properties": {"provider": {"type": "string"}},
+        },
     }
 
 
@@ -369,7 +371,9 @@ def _chat_request(config: Config) -> Schema:
                 "description": f"Up to {MAX_STOP_SEQUENCES} sequences where the answer stops.",
             },
             "user": _typed("string", "An id of the end user."),
-            "tools": _nullable({"type": "array", "items": _ref("Tool"), "description": "Functions the model may call."}),
+            "tools": _nullable(
+                {"type": "array", "items": _ref("Tool"), "description": "Functions the model may call."}
+            ),
             "tool_choice": {
                 "anyOf": [
                     {"type": "string", "enum": ["none", "auto", "required"]},
@@ -415,6 +419,7 @@ def _chat_request(config: Config) -> Schema:
                 "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
                 "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
             },
+            _ref("Unsteered"),
             {
                 "description": "`max_tokens` or `max_completion_tokens`, not both.",
                 "not": {
@@ -441,7 +446,7 @@ def _model(config: Config) -> Schema:
     if not any(_is_glob(name) for name in names) and all(map(_usable_model_name, names)):
         schema["enum"] = names
     else:
-        schema["pattern"] = "^(?:" + "|".join(_glob_regex(name) for name in names) + ")$"
+        schema["pattern"] = "^(?:" + "|".join(map(_route_regex, names)) + ")$"
         # A second pattern cannot share the schema, so the non-blank rule goes in allOf.
         schema["allOf"] = [{"pattern": NOT_BLANK}]
     samples = [sample for sample in map(_sample_model, config.routes) if sample is not None]
@@ -465,9 +470,28 @@ def _sample_model(route: Route) -> str | None:
     return route.match.replace("*", "4").replace("?", "x")
 
 
-#: What an ECMA regex and Python's re both read literally once backslash-escaped.
-_REGEX_SPECIALS = frozenset("\\^$.|?*+()[]{}/")
-_CLASS_SPECIALS = frozenset("\\]^-[")
+def _route_regex(match: str) -> str:
+    """What :meth:`Route.matches` matches: the glob, and the route's own name as it is
+    (which a glob such as ``[[]`` does not match)."""
+    regex = _glob_regex(match)
+    if _is_glob(match) and not fnmatch.fnmatchcase(match, match):
+        regex += "|" + "".join(map(_literal, match))
+    return regex
+
+
+#: Characters a regex reads as syntax: backslash-escaped outside a class, as ECMA allows
+#: even in unicode mode. Inside a class a few more, written as ``\xHH`` so that no two
+#: of them double up into what Python reads as a set operation (``&&``, ``--``).
+_SYNTAX = frozenset("\\^$.|?*+()[]{}/")
+_CLASS_SYNTAX = _SYNTAX | frozenset("-&~")
+
+
+def _literal(char: str) -> str:
+    return "\\" + char if char in _SYNTAX else char
+
+
+def _class_member(char: str) -> str:
+    return f"\\x{ord(char):02x}" if char in _CLASS_SYNTAX else char
 
 
 def _glob_regex(glob: str) -> str:
@@ -487,7 +511,7 @@ def _glob_regex(glob: str) -> str:
             out.append(_glob_class(glob[i:end]))
             i = end + 1
         else:
-            out.append("\\" + char if char in _REGEX_SPECIALS else char)
+            out.append(_literal(char))
     return "".join(out)
 
 
@@ -515,18 +539,14 @@ def _glob_class(body: str) -> str:
         if i + 2 < len(body) and body[i + 1] == "-":
             high = body[i + 2]
             if low <= high:
-                members.append(f"{_class_char(low)}-{_class_char(high)}")
+                members.append(f"{_class_member(low)}-{_class_member(high)}")
             i += 3
         else:
-            members.append(_class_char(low))
+            members.append(_class_member(low))
             i += 1
     if not members:
         return r"[\s\S]" if negated else "(?!)"
     return "[" + ("^" if negated else "") + "".join(members) + "]"
-
-
-def _class_char(char: str) -> str:
-    return "\\" + char if char in _CLASS_SPECIALS else char
 
 
 def _request_examples(config: Config) -> dict[str, Any]:
@@ -546,6 +566,31 @@ def _request_examples(config: Config) -> dict[str, Any]:
             },
         },
     }
+
+
+def _steering_pattern() -> str:
+    """Keys the validator refuses at any depth: those whose ``lower()`` is a steering field.
+
+    Each letter is a class of what lowers to it: its two cases, and for ``k`` the Kelvin
+    sign (U+212A), the one non-ASCII character that lowers to an ASCII letter.
+    """
+
+    def spellings(char: str) -> str:
+        variants = sorted({char, char.upper(), *(["\u212a"] if char == "k" else [])})
+        return f"[{''.join(variants)}]" if len(variants) > 1 else char
+
+    names = ("".join(map(spellings, field)) for field in sorted(STEERING_FIELDS))
+    return "^(?:" + "|".join(names) + ")$"
+
+
+#: Any JSON value without a steering key in it, at any depth (the schema applies itself to
+#: every property and item).
+UNSTEERED: Schema = {
+    "description": "No key anywhere may name the upstream or its credentials.",
+    "propertyNames": {"not": {"pattern": _steering_pattern()}},
+    "additionalProperties": {"$ref": "#/components/schemas/Unsteered"},
+    "items": {"$ref": "#/components/schemas/Unsteered"},
+}
 
 
 # -- messages -------------------------------------------------------------------------
@@ -601,7 +646,7 @@ def _message(role: str) -> Schema:
         properties["function_call"] = _forwarded("The legacy function call.")
         schema["anyOf"] = [
             {"required": ["content"]},
-            {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}},
+            {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
             {"required": ["function_call"], "properties": {"function_call": TRUTHY}},
         ]
         schema["description"] = "Needs `content` (null allowed), or non-empty `tool_calls` or `function_call`."
@@ -689,6 +734,51 @@ CHAT_COMPLETION: Schema = {
                 "total_tokens": {"type": "integer"},
             },
         },
+    },
+}
+
+CHAT_COMPLETION_CHUNK: Schema = {
+    "type": "object",
+    "description": "OpenAI's `chat.completion.chunk`; the usage chunk has no choices.",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion.chunk"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "delta"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "delta": {"type": "object"},
+                    "finish_reason": {"type": ["string", "null"]},
+                },
+            },
+        },
+        "usage": {"type": ["object", "null"]},
+    },
+}
+
+#: One server-sent event of a streamed answer (OpenAPI before 3.2 has ``schema`` describe
+#: each event of an event stream): a chunk, the final ``[DONE]``, or after the first
+#: token an error that ends the stream without ``[DONE]``.
+CHAT_COMPLETION_EVENT: Schema = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "type": "string",
+                    "contentMediaType": JSON,
+                    "contentSchema": {"oneOf": [_ref("ChatCompletionChunk"), _ref("Error")]},
+                },
+            ]
+        }
     },
 }
 
