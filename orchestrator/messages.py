@@ -226,6 +226,8 @@ class ProviderSnapshot:
     in_flight: int
     max_concurrency: int
     totals: dict[str, int]
+    #: How many times the circuit changed state since the actor started.
+    circuit_transitions: int = 0
 
     def as_json(self, now: float) -> dict[str, Any]:
         """The snapshot for /health: absolute times become seconds from ``now``."""
@@ -239,6 +241,7 @@ class ProviderSnapshot:
             "in_flight": self.in_flight,
             "max_concurrency": self.max_concurrency,
             "totals": dict(self.totals),
+            "circuit_transitions": self.circuit_transitions,
         }
 
 

@@ -65,7 +65,7 @@ from providers.adapter import (
     StreamDecoder,
     UnsupportedRequest,
 )
-from providers.breaker import Admission, Breaker, Verdict, describe_transition
+from providers.breaker import Admission, Breaker, CircuitState, Verdict, describe_transition
 from providers.classify import classify_exception, classify_response, parse_retry_after
 from providers.pool import ClientPool
 from providers.sse import SSEDecoder
@@ -164,6 +164,7 @@ class ProviderActor:
         self._rate_limited_until: float | None = None
         self._in_flight = 0
         self._totals: Counter[str] = Counter()
+        self._transitions = 0
         self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
             max(64, config.max_concurrency)
         )
@@ -405,12 +406,15 @@ class ProviderActor:
             return
         change = describe_transition(before, self._breaker)
         if change is not None:
+            self._transitions += 1
             event(logging.WARNING, request_id, "circuit", f"circuit for {self.config.name} {change}",
                   logger=logger, provider=self.config.name, circuit=self._breaker.state.value)
 
     def _reset(self, reason: str) -> None:
         # Calls in flight keep their old admissions: the new breaker ignores them as stale.
         epoch = self._breaker.epoch + 1
+        if self._breaker.state is not CircuitState.CLOSED:
+            self._transitions += 1
         self._breaker = Breaker(self.config.breaker, epoch=epoch)
         self._rate_limited_until = None
         event(logging.WARNING, "-", "circuit", f"circuit for {self.config.name} reset to CLOSED: {reason}",
@@ -429,6 +433,7 @@ class ProviderActor:
             in_flight=self._in_flight,
             max_concurrency=self.config.max_concurrency,
             totals=dict(self._totals),
+            circuit_transitions=self._transitions,
         )
 
     def _close_inbox(self) -> None:

@@ -87,6 +87,7 @@ async def test_five_server_errors_open_the_circuit_and_the_sixth_never_arrives(
     snapshot = await actor.snapshot()
     assert snapshot.circuit == "closed" and snapshot.consecutive_failures == 0
     assert snapshot.totals == {"server_error": 5, "circuit_open": 3, "ok": 1}
+    assert snapshot.circuit_transitions == 3  # opened, half-open, closed
 
 
 async def test_a_cancelled_probe_gives_its_slot_back(autojump_clock, nursery, transport, mock_state):
