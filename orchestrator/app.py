@@ -128,7 +128,11 @@ def create_app(gw: Orchestrator) -> QuartTrio:
         gateway_error.status = status
         gateway_error.error_type = "invalid_request_error" if status < 500 else "server_error"
         gateway_error.code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(status)
-        return _error_response(gateway_error)
+        response = _error_response(gateway_error)
+        allow = dict(error.get_headers()).get("Allow")
+        if allow:  # a 405 says which methods are allowed (RFC 9110)
+            response.headers["allow"] = allow
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected_error(error: Exception) -> Response:

@@ -83,8 +83,8 @@ def validate_chat_request(body: Mapping[str, Any]) -> ChatRequest:
             raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
         if value is None and name not in _REQUIRED:
             continue  # null means "the default", as it does for OpenAI
-        check(name, value)
-        forwarded[name] = value
+        normalized = check(name, value)
+        forwarded[name] = value if normalized is None else normalized
     for name in _REQUIRED:
         if name not in forwarded:
             raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
@@ -109,6 +109,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_integer(value: Any) -> bool:
+    # JSON does not tell 5 from 5.0, and JSON Schema's integer accepts both.
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -122,13 +125,14 @@ def _number(low: float, high: float) -> Callable[[str, Any], None]:
     return check
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[str, Any], None]:
-    def check(name: str, value: Any) -> None:
+def _integer(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
         if not _is_integer(value):
             raise InvalidRequest(f"{name} must be an integer, got {_describe(value)}.", param=name)
         if value < low or (high is not None and value > high):
             bound = f"at least {low}" if high is None else f"between {low} and {high}"
             raise InvalidRequest(f"{name} must be {bound}, got {value}.", param=name)
+        return int(value)  # forwarded as an integer, whatever the client wrote
 
     return check
 
@@ -270,7 +274,7 @@ def _content_part(where: str, part: Any, allowed: frozenset[str]) -> None:
     if not isinstance(part, dict):
         raise InvalidRequest(f"{where} must be an object, got {_describe(part)}.", param=where)
     kind = part.get("type")
-    if kind not in allowed:
+    if not isinstance(kind, str) or kind not in allowed:
         raise InvalidRequest(
             f"{where}.type must be one of {', '.join(sorted(allowed))}, got {_describe(kind)}.", param=f"{where}.type"
         )
@@ -282,8 +286,19 @@ def _content_part(where: str, part: Any, allowed: frozenset[str]) -> None:
             raise InvalidRequest(f"{where}.image_url.url must be a string.", param=f"{where}.image_url.url")
 
 
-def _any(name: str, value: Any) -> None:
-    """Fields forwarded as they are; the provider judges them."""
+def _strings(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidRequest(f"{name} must be a list of strings, got {_describe(value)}.", param=name)
+
+
+def _objects(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise InvalidRequest(f"{name} must be a list of objects, got {_describe(value)}.", param=name)
+
+
+def _function_call(name: str, value: Any) -> None:
+    if not isinstance(value, str | dict):
+        raise InvalidRequest(f"{name} must be a string or an object, got {_describe(value)}.", param=name)
 
 
 _FIELDS: Mapping[str, Callable[[str, Any], None]] = {
@@ -312,12 +327,12 @@ _FIELDS: Mapping[str, Callable[[str, Any], None]] = {
     "service_tier": _string,
     "store": _boolean,
     "metadata": _object,
-    "modalities": _any,
+    "modalities": _strings,
     "audio": _object,
     "prediction": _object,
     "web_search_options": _object,
-    "functions": _any,
-    "function_call": _any,
+    "functions": _objects,
+    "function_call": _function_call,
 }
 _REQUIRED = ("model", "messages")
 

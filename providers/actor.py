@@ -64,6 +64,7 @@ from providers.adapter import (
     ProviderStreamError,
     StreamDecoder,
     UnsupportedRequest,
+    UpstreamRequest,
 )
 from providers.breaker import Admission, Breaker, CircuitState, Verdict, describe_transition
 from providers.classify import classify_exception, classify_response, parse_retry_after
@@ -235,12 +236,25 @@ class ProviderActor:
             self._in_flight -= 1
             self._settle(verdict, admission, call.request_id)
 
+    def _translate(self, call: Call) -> UpstreamRequest | Failed:
+        """The upstream request for ``call``, or why this provider cannot take it.
+
+        The body is client input: whatever the adapter trips on must end this attempt
+        (the next deployment may take it), never the actor and with it the gateway.
+        """
+        try:
+            return self._adapter.request(call.body, stream=call.stream)
+        except UnsupportedRequest as error:
+            return Failed(ErrorClass.UNSUPPORTED, str(error), 0.0)
+        except Exception:
+            logger.exception("%s could not translate a request", self.config.name, extra={"request_id": call.request_id})
+            return Failed(ErrorClass.UNSUPPORTED, f"the gateway could not translate this request for {self.config.name}", 0.0)
+
     async def _complete(self, call: Call, client: httpx.AsyncClient) -> Verdict_:
         started = trio.current_time()
-        try:
-            upstream = self._adapter.request(call.body, stream=False)
-        except UnsupportedRequest as error:
-            return _reply(call, Failed(ErrorClass.UNSUPPORTED, str(error), 0.0))
+        upstream = self._translate(call)
+        if isinstance(upstream, Failed):
+            return _reply(call, upstream)
         deadline, own = self._deadline(started, self.config.timeouts.attempt, call.deadline)
         outcome: Outcome | None = None
         with trio.move_on_at(deadline):
@@ -263,6 +277,9 @@ class ProviderActor:
                 return Completed(self._adapter.completion(payload, body), elapsed)
             except MalformedResponse as error:
                 return Failed(ErrorClass.MALFORMED, str(error), elapsed, status=status)
+            except Exception:  # an answer our adapter chokes on is a malformed answer
+                logger.exception("%s sent an answer the adapter could not read", self.config.name)
+                return Failed(ErrorClass.MALFORMED, "an answer the gateway could not read", elapsed, status=status)
         return self._failure(status, headers, payload, elapsed)
 
     def _failure(self, status: int, headers: httpx.Headers, payload: bytes, elapsed: float) -> Failed:
@@ -288,10 +305,9 @@ class ProviderActor:
         """
         started = trio.current_time()
         timeouts = self.config.timeouts
-        try:
-            upstream = self._adapter.request(call.body, stream=True)
-        except UnsupportedRequest as error:
-            return _reply(call, Failed(ErrorClass.UNSUPPORTED, str(error), 0.0))
+        upstream = self._translate(call)
+        if isinstance(upstream, Failed):
+            return _reply(call, upstream)
         request = client.build_request("POST", upstream.url, content=upstream.content, headers=upstream.headers)
         deadline, own = self._deadline(started, timeouts.attempt, call.deadline)
         response: httpx.Response | None = None
@@ -488,6 +504,9 @@ class _StreamReader:
                     reported = error.error
                     error_class = classify_response(reported.status or 500, code=reported.code, message=reported.message)
                     return StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
+                except Exception:  # a chunk our decoder chokes on is a malformed chunk
+                    logger.exception("a stream chunk the adapter could not read")
+                    return StreamBroken(ErrorClass.MALFORMED, "a stream chunk the gateway could not read")
                 continue
             silence = _silence(own_timeout, "no stream data", 0.0)
             return StreamBroken(silence.error_class, silence.message)

@@ -195,6 +195,24 @@ async def test_saturation_refuses_at_once(autojump_clock, nursery, transport, mo
     assert refused == Refused(RefusalReason.SATURATED, None)
 
 
+async def test_an_adapter_that_trips_on_a_request_fails_the_attempt_not_the_actor(autojump_clock, nursery, transport):
+    from providers.openai import OpenAIAdapter
+
+    class Tripping(OpenAIAdapter):
+        def request(self, body, *, stream):
+            if body.get("user") == "trip":
+                raise TypeError("an adapter bug")
+            return super().request(body, stream=stream)
+
+    config = CONFIG.provider("openai")
+    actor = await nursery.start(ProviderActor(config, adapter=Tripping(config), transport=transport).run)
+    tripped, _ = await ask(actor, body={**BODY, "user": "trip"})
+    assert tripped.error_class is ErrorClass.UNSUPPORTED
+    assert "could not translate" in tripped.message
+    fine, _ = await ask(actor)
+    assert isinstance(fine, Completed)
+
+
 async def test_a_stopped_actor_fails_callers_at_once(autojump_clock, transport):
     async with trio.open_nursery() as nursery:
         actor = await start(nursery, transport)

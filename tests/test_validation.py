@@ -112,7 +112,7 @@ def test_model_and_messages(body, param):
         ("n", True),
         ("max_tokens", 0),
         ("max_tokens", -5),
-        ("max_tokens", 10.0),
+        ("max_tokens", 10.5),
         ("max_tokens", False),
         ("max_completion_tokens", 0),
         ("presence_penalty", 3),
@@ -133,6 +133,24 @@ def test_model_and_messages(body, param):
 )
 def test_numbers_and_types_outside_openai_ranges(field, value):
     refused({"model": "gpt-4", "messages": USER, field: value}, field if field not in ("response_format",) else f"{field}.type")
+
+
+def test_whole_floats_are_integers_and_forwarded_as_such():
+    request = ok(max_tokens=5.0, n=1.0)
+    assert request.body["max_tokens"] == 5 and type(request.body["max_tokens"]) is int
+    assert type(request.body["n"]) is int
+
+
+@pytest.mark.parametrize("kind", [{"a": 1}, ["text"], 3])
+def test_unhashable_or_odd_content_part_types_are_refused(kind):
+    refused({"model": "gpt-4", "messages": [{"role": "user", "content": [{"type": kind}]}]},
+            "messages[0].content[0].type")
+
+
+@pytest.mark.parametrize("field, value", [("modalities", 1), ("modalities", [1]), ("functions", "f"),
+                                          ("function_call", 3)])
+def test_fields_adapters_read_are_typed(field, value):
+    refused({"model": "gpt-4", "messages": USER, field: value}, field)
 
 
 def test_infinity_is_refused_when_built_in_python():
