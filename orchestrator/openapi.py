@@ -409,9 +409,15 @@ def _chat_request(config: Config) -> Schema:
             "audio": _typed("object", "Audio output parameters."),
             "prediction": _typed("object", "Predicted output."),
             "web_search_options": _typed("object", "Web search parameters."),
-            "modalities": _forwarded("Output modalities."),
-            "functions": _forwarded("The legacy function-calling API."),
-            "function_call": _forwarded("The legacy function-calling API."),
+            "modalities": _nullable(
+                {"type": "array", "items": {"type": "string"}, "description": "Output modalities."}
+            ),
+            "functions": _nullable(
+                {"type": "array", "items": {"type": "object"}, "description": "The legacy function-calling API."}
+            ),
+            "function_call": _nullable(
+                {"type": ["string", "object"], "description": "The legacy function-calling API."}
+            ),
         },
         "allOf": [
             {

@@ -27,13 +27,8 @@ import httpx
 import pytest
 import schemathesis
 import trio
-from schemathesis.checks import CheckContext, not_a_server_error
-from schemathesis.openapi.checks import UnsupportedMethodResponse
-from schemathesis.specs.openapi.checks import (
-    negative_data_rejection,
-    positive_data_acceptance,
-    unsupported_method,
-)
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from mock_server import MockState
 from mock_server import create_app as create_mock_app
@@ -125,83 +120,26 @@ def test_the_live_gateway_serves_the_fuzzed_document(gateway_url: str) -> None:
 
 @schema.parametrize()
 def test_gateway_survives_schemathesis(case: schemathesis.Case, gateway_url: str) -> None:
-    if _kills_the_gateway(case):
-        return  # a known crash would end the whole run: reproduced by an xfail test below
     _give_time_to_answer(case)
     response = case.call(base_url=gateway_url)
-    excluded = [unsupported_method]
-    if _client_deadline_expired(case, response) or _known_bug(case, response):
+    excluded = []
+    if _client_deadline_expired(case, response):
         excluded += [not_a_server_error, positive_data_acceptance, negative_data_rejection]
-    case.validate_response(
-        response,
-        excluded_checks=excluded,
-        additional_checks=[unsupported_method_status],
-        transport_kwargs={"base_url": gateway_url},
-    )
+    case.validate_response(response, excluded_checks=excluded, transport_kwargs={"base_url": gateway_url})
 
 
-def unsupported_method_status(ctx: CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> None:
-    """schemathesis' ``unsupported_method`` without its demand for an ``Allow`` header,
-    which the gateway's 405 lacks (see the xfail test below): an undeclared method still
-    has to get a 405. Use the plain check again once that test passes."""
-    try:
-        unsupported_method(ctx, response, case)
-    except UnsupportedMethodResponse as failure:
-        if failure.failure_reason != "missing_allow_header":
-            raise
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: orchestrator/app.py http_error() rebuilds a 405 without the Allow header (RFC 9110 15.5.6)",
-)
 def test_a_405_says_which_methods_are_allowed(gateway_url: str) -> None:
     response = httpx.delete(f"{gateway_url}/health")
     assert response.status_code == 405
     assert response.headers.get("allow") in ("GET, HEAD", "HEAD, GET")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: providers/anthropic.py _refuse_inexpressible() runs `\"audio\" in modalities` on a field "
-    "the validator forwards unchecked; the TypeError escapes the provider actor and stops the whole gateway",
-)
 def test_a_number_for_modalities_does_not_stop_the_gateway() -> None:
     body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}], "modalities": 1}
     with gateway_in_thread(fuzz_config) as url:
         response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=CLIENT_AUTH)
         assert response.status_code in (200, 400)
         assert httpx.get(f"{url}/health").status_code == 200
-
-
-def _kills_the_gateway(case: schemathesis.Case) -> bool:
-    """A request that stops the gateway (see the xfail test above); delete with its marker."""
-    return isinstance(case.body, dict) and isinstance(case.body.get("modalities"), int | float)
-
-
-def _known_bug(case: schemathesis.Case, response: schemathesis.Response) -> bool:
-    """A response explained by a bug that an xfail test in test_openapi.py reproduces, so
-    the fuzzer goes on looking for others. Delete each clause with its xfail marker when
-    the bug is fixed."""
-    body = case.body if isinstance(case.body, dict) else {}
-    if response.status_code == 500:
-        return any(isinstance(part.get("type"), dict | list) for part in _content_parts(body))
-    if response.status_code == 400:
-        param = response.json()["error"]["param"]
-        value = body.get(param) if isinstance(param, str) else None
-        return isinstance(value, float) and value.is_integer()
-    return False
-
-
-def _content_parts(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    return [
-        part
-        for message in (messages if isinstance(messages, list) else [])
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-        if isinstance(part, dict)
-    ]
 
 
 def _give_time_to_answer(case: schemathesis.Case) -> None:
