@@ -1,0 +1,318 @@
+"""The lean upstream transport (``providers.pool``) against a scripted raw HTTP server.
+
+Each test's server answers every request with bytes the test chose, so framing,
+keep-alive, early closes and resets are exact; the server counts connections and
+records what it received.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from providers.pool import ClientPool, LeanTransport, UpstreamClient
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+
+Answer = Callable[[trio.SocketStream, bytes], Awaitable[None]]
+
+
+class Server:
+    """Accepts connections; per request, reads the head and body, then runs ``answer``."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.open_connections = 0
+        self.most_open = 0
+        self.received: list[bytes] = []
+        self.url = ""
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.open_connections += 1
+        self.most_open = max(self.most_open, self.open_connections)
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                while len(buffer) < length:
+                    buffer += await stream.receive_some()
+                request, buffer = head + b"\r\n\r\n" + buffer[:length], buffer[length:]
+                self.received.append(request)
+                await self.answer(stream, request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.open_connections -= 1
+
+
+@asynccontextmanager
+async def serving(answer: Answer) -> AsyncIterator[Server]:
+    server = Server(answer)
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        server.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def client(max_connections: int = 8) -> AsyncIterator[UpstreamClient]:
+    async with UpstreamClient(transport=LeanTransport(max_connections=max_connections),
+                              timeout=httpx.Timeout(None, connect=5.0)) as upstream:
+        yield upstream
+
+
+def reply(*pieces: bytes, close: bool = False) -> Answer:
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        for piece in pieces:
+            await stream.send_all(piece)
+        if close:
+            await stream.aclose()
+
+    return answer
+
+
+async def test_one_write_per_request_and_keep_alive_reuse():
+    async with serving(reply(OK)) as server, client() as upstream:
+        for _ in range(3):
+            response = await upstream.post(f"{server.url}/v1/chat?x=1", content=b'{"a":1}',
+                                           headers={"authorization": "Bearer k"})
+            assert response.status_code == 200
+            assert response.json() == {"ok": True}
+            assert response.headers["content-type"] == "application/json"
+            assert response.http_version == "HTTP/1.1"
+        assert server.connections == 1
+        request = server.received[0]
+        assert request.startswith(b"POST /v1/chat?x=1 HTTP/1.1\r\n")
+        assert b"\r\nauthorization: Bearer k\r\n" in request
+        assert request.endswith(b'\r\n\r\n{"a":1}')
+
+
+async def test_a_chunked_stream_arrives_piece_by_piece_with_extensions_and_trailers():
+    pieces = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n",
+        b"7;ext=1\r\ndata: 1\r\n",
+        b"7\r\ndata: 2\r\n",
+        b"0\r\nx-trailer: yes\r\n\r\n",
+    )
+    async with serving(reply(*pieces)) as server, client() as upstream:
+        request = upstream.build_request("POST", f"{server.url}/stream", content=b"{}")
+        response = await upstream.send(request, stream=True)
+        try:
+            body = b"".join([piece async for piece in response.aiter_bytes()])
+        finally:
+            await response.aclose()
+        assert body == b"data: 1data: 2"
+        assert (await upstream.post(f"{server.url}/again", content=b"{}")).status_code == 200
+        assert server.connections == 1  # the chunked body ended cleanly: reused
+
+
+async def test_a_body_without_length_runs_to_the_close_and_is_not_reused():
+    answer = reply(b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end", close=True)
+    async with serving(answer) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"")).content == b"until the end"
+        assert (await upstream.post(server.url, content=b"")).content == b"until the end"
+        assert server.connections == 2
+
+
+async def test_connection_close_is_honoured():
+    answer = reply(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi")
+    async with serving(answer) as server, client() as upstream:
+        for _ in range(2):
+            assert (await upstream.post(server.url, content=b"")).text == "hi"
+        assert server.connections == 2
+
+
+async def test_interim_responses_are_skipped():
+    async with serving(reply(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"")).status_code == 200
+
+
+async def test_an_error_status_is_a_response_not_an_exception():
+    answer = reply(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\ncontent-length: 4\r\n\r\nbusy")
+    async with serving(answer) as server, client() as upstream:
+        response = await upstream.post(server.url, content=b"")
+        assert (response.status_code, response.headers["retry-after"], response.text) == (503, "2", "busy")
+        assert response.reason_phrase == "Service Unavailable"
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "message"),
+    [
+        (reply(close=True), httpx.RemoteProtocolError, "Server disconnected without sending a response"),
+        (reply(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", close=True), httpx.RemoteProtocolError,
+         "received 3 bytes, expected 10"),
+        (reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab", close=True),
+         httpx.RemoteProtocolError, "peer closed connection"),
+        (reply(b"SPDY/3 200 OK\r\n\r\n"), httpx.RemoteProtocolError, "not an HTTP/1.x status line"),
+        (reply(b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n"), httpx.RemoteProtocolError, "malformed response header"),
+        (reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n"), httpx.RemoteProtocolError, "Content-Length"),
+        (reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"), httpx.RemoteProtocolError,
+         "invalid chunk size"),
+    ],
+)
+async def test_broken_answers_raise_what_classify_expects(answer, error, message):
+    async with serving(answer) as server, client() as upstream:
+        with pytest.raises(error, match=message):
+            await upstream.post(server.url, content=b"")
+
+
+async def test_a_reset_is_a_read_error():
+    async def reset(stream: trio.SocketStream, request: bytes) -> None:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    async with serving(reset) as server, client() as upstream:
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            await upstream.post(server.url, content=b"")
+
+
+async def test_a_refused_connection_is_a_connect_error():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    async with client() as upstream:
+        with pytest.raises(httpx.ConnectError):
+            await upstream.post(f"http://127.0.0.1:{port}/", content=b"")
+
+
+async def test_a_connection_that_never_comes_is_a_connect_timeout(monkeypatch, autojump_clock):
+    async def never(*args: object, **kwargs: object) -> trio.SocketStream:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(trio, "open_tcp_stream", never)
+    async with client() as upstream:
+        with pytest.raises(httpx.ConnectTimeout):
+            await upstream.post("http://127.0.0.1:9/", content=b"")
+
+
+async def test_a_cancelled_request_closes_its_connection():
+    stalled = trio.Event()
+    stalled_requests: list[bytes] = []
+
+    async def head_then_stall(stream: trio.SocketStream, request: bytes) -> None:
+        if len(stalled_requests) == 0:
+            stalled_requests.append(request)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+            stalled.set()
+            await trio.sleep_forever()
+        await stream.send_all(OK)
+
+    async with serving(head_then_stall) as server, client() as upstream:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(upstream.post, server.url, content=b""))
+                await stalled.wait()
+                scope.cancel()
+        assert (await upstream.post(server.url, content=b"")).status_code == 200
+        assert server.connections == 2  # the half-read connection was not reused
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused():
+    async with serving(reply(OK, close=True)) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"")).status_code == 200
+        with trio.fail_after(5):
+            while server.open_connections:  # wait for the server's close to land
+                await trio.sleep(0.01)
+        assert (await upstream.post(server.url, content=b"")).status_code == 200
+        assert server.connections == 2
+
+
+async def test_requests_beyond_max_connections_wait_for_a_slot():
+    async with serving(reply(OK)) as server, client(max_connections=2) as upstream:
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(partial(upstream.post, server.url, content=b""))
+        assert server.most_open <= 2
+        assert len(server.received) == 6
+
+
+async def test_a_stream_closed_early_gives_its_slot_back():
+    endless = reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    async with serving(endless) as server, client(max_connections=1) as upstream:
+        for _ in range(2):
+            response = await upstream.send(upstream.build_request("POST", server.url, content=b""), stream=True)
+            async for piece in response.aiter_bytes():
+                assert piece == b"abc"
+                break
+            await response.aclose()
+        assert server.connections == 2
+
+
+async def test_send_refuses_auth_and_redirects():
+    async with client() as upstream:
+        request = upstream.build_request("POST", "http://127.0.0.1:9/", content=b"")
+        with pytest.raises(TypeError):
+            await upstream.send(request, auth=("user", "pass"))
+        with pytest.raises(TypeError):
+            await upstream.send(request, follow_redirects=True)
+
+
+async def test_header_injection_is_refused_before_sending():
+    async with serving(reply(OK)) as server, client() as upstream:
+        with pytest.raises(httpx.LocalProtocolError):
+            await upstream.post(server.url, content=b"", headers={"x-bad": "a\r\nx-injected: 1"})
+        assert server.received == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+async def test_https_with_the_callers_ssl_context(tmp_path):
+    key, certificate = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
+        check=True, capture_output=True,
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certificate, key)
+    client_context = ssl.create_default_context(cafile=str(certificate))
+    server = Server(reply(OK))
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            partial(trio.serve_ssl_over_tcp, server.handle, 0, server_context, host="127.0.0.1")
+        )
+        port = listener.transport_listener.socket.getsockname()[1]
+        transport = LeanTransport(max_connections=2, ssl_context=client_context)
+        async with UpstreamClient(transport=transport, timeout=httpx.Timeout(None, connect=5.0)) as upstream:
+            for _ in range(2):
+                assert (await upstream.post(f"https://127.0.0.1:{port}/v1", content=b"{}")).json() == {"ok": True}
+        with pytest.raises(httpx.ConnectError):  # a certificate nobody vouches for
+            async with UpstreamClient(transport=LeanTransport(max_connections=1)) as stranger:
+                await stranger.post(f"https://127.0.0.1:{port}/v1", content=b"{}")
+        nursery.cancel_scope.cancel()
+    assert server.connections == 2  # reused over TLS; the stranger's handshake failed
+
+
+async def test_the_pool_shares_connections_out_and_closes_its_own_transports():
+    async with serving(reply(OK)) as server:
+        pool = ClientPool(shards=3, max_connections=7, connect_timeout=5.0)
+        clients = [pool.next() for _ in range(4)]
+        assert clients[0] is clients[3] and len({id(each) for each in clients[:3]}) == 3
+        for each in clients[:3]:
+            assert (await each.post(server.url, content=b"")).status_code == 200
+        await pool.aclose()
+        assert all(each.is_closed for each in clients)
+
