@@ -50,7 +50,7 @@ DONE = b"data: [DONE]\n\n"
 
 def create_app(gw: Orchestrator) -> QuartTrio:
     """A new quart-trio app serving ``gw``."""
-    app = QuartTrio(__name__)
+    app = QuartTrio(__name__, static_folder=None)  # no static files: no /static route
     app.asgi_http_class = ShieldedHTTPConnection
     config = gw.config
     app.config.update(

@@ -108,10 +108,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+#: Largest integer a request may carry (what JSON encoders, ours included, can write).
+MAX_INTEGER = 2**64 - 1
+#: Beyond this a float no longer holds every integer: orjson reads integer literals past
+#: 64 bits as floats, rounded, so only exact floats may stand for integers.
+MAX_EXACT_FLOAT = 2**53
+
+
 def _is_integer(value: Any) -> bool:
     # JSON does not tell 5 from 5.0, and JSON Schema's integer accepts both.
     if isinstance(value, float):
-        return value.is_integer()
+        return value.is_integer() and abs(value) <= MAX_EXACT_FLOAT
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -125,12 +132,12 @@ def _number(low: float, high: float) -> Callable[[str, Any], None]:
     return check
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+def _integer(low: int, high: int = MAX_INTEGER) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if not _is_integer(value):
             raise InvalidRequest(f"{name} must be an integer, got {_describe(value)}.", param=name)
-        if value < low or (high is not None and value > high):
-            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        if not low <= value <= high:
+            bound = f"at least {low}" if high == MAX_INTEGER else f"between {low} and {high}"
             raise InvalidRequest(f"{name} must be {bound}, got {value}.", param=name)
         return int(value)  # forwarded as an integer, whatever the client wrote
 

@@ -135,6 +135,14 @@ def test_numbers_and_types_outside_openai_ranges(field, value):
     refused({"model": "gpt-4", "messages": USER, field: value}, field if field not in ("response_format",) else f"{field}.type")
 
 
+@pytest.mark.parametrize("raw", [b"100000000000000000000", b"1e20", b"-9223372036854775809", b"9007199254740994.0"])
+def test_integers_too_large_to_carry_are_refused(raw):
+    body = parse_body(b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": ' + raw + b"}")
+    with pytest.raises(InvalidRequest) as caught:
+        validate_chat_request(body)
+    assert caught.value.param == "max_tokens"
+
+
 def test_whole_floats_are_integers_and_forwarded_as_such():
     request = ok(max_tokens=5.0, n=1.0)
     assert request.body["max_tokens"] == 5 and type(request.body["max_tokens"]) is int
