@@ -5,11 +5,13 @@
 #   make bench-peers   install the load generator (wrk, from Debian), the LiteLLM peer and
 #                      py-spy, each outside the project's venv (.peers/ is git-ignored)
 #   make bench         mock alone, gateway with 1 and 2 workers, LiteLLM: one run, one table
+# Chaos soak (README "Chaos soak"):
+#   make soak          20,000 requests through a gateway while the mock injects ~30% faults
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test clean bench bench-peers
+.PHONY: run test clean bench bench-peers soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,11 @@ $(LITELLM):
 $(PYSPY):
 	$(PYTHON) -m venv $(PEERS)/tools-venv
 	$(PEERS)/tools-venv/bin/pip install --quiet py-spy
+
+# SOAK_ARGS, e.g. --requests 2000 --concurrency 32 --seed 7 --json soak.json
+# (python -m orchestrator.soak --help). Starts its own mock and gateway on free ports.
+soak: $(VENV)/.installed
+	$(BIN)/python -m orchestrator.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
