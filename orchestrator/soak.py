@@ -38,19 +38,26 @@ is detected well inside the deadline: attempt 5 s, first token 2 s, idle 2 s, de
 
 **Requests.** The load script's machinery (:mod:`orchestrator.load`): its planner
 (prompts and stream choices from the seed), its :func:`~orchestrator.load.exchange`
-(one request, read to its end, never raising) and its summary. On top of the load
-script's classification, the soak watches the bytes of every answer (a pass-through
-transport under the one shared client) and judges each one:
+(one request, read to its end, never raising) and its summary, over clients configured
+as the load script's -- but one per eight workers rather than one for all: httpcore
+scans every connection of its pool on each request, and one pool of 64 made the soak
+itself the busiest process on the machine. On top of the load script's classification,
+the soak watches the bytes of every answer (a pass-through transport under each
+client) and judges each one:
 
 - **complete**: a 200 JSON completion whose choices all have a message and a
   ``finish_reason``, or a 200 event stream of well-formed chunks, one of them with a
-  ``finish_reason``, ended by ``data: [DONE]`` and nothing after it;
+  ``finish_reason``, ended by ``data: [DONE]`` and nothing after it -- and in either
+  case carrying exactly the mock's reply to the request's prompt (the mock's text is a
+  function of the prompt alone, whichever personality answers);
 - **well-formed error**: a non-2xx answer whose body is OpenAI's error shape
   (``{"error": {"message", "type", "param", "code"}}``), or a 200 event stream of
   well-formed chunks ended by one ``data: {"error": {...}}`` event in that shape and no
   ``[DONE]``;
 - **malformed**: anything else, by reason: ``no_done`` (a stream that stops with
-  neither), ``done_without_finish_reason``, ``data_after_done``, ``data_after_error``,
+  neither), ``wrong_content`` (complete in form, but not the reply to this prompt:
+  another request's answer, or a continuation that repeated or lost text),
+  ``done_without_finish_reason``, ``data_after_done``, ``data_after_error``,
   ``invalid_event``, ``invalid_chunk``, ``unshaped_error_event``, ``partial_event``,
   ``incomplete_completion``, ``unshaped_error_<status>``, ``unexpected_status_<status>``,
   ``stream_with_status_<status>``, ``truncated:<why>`` (the body broke off: the
@@ -99,6 +106,7 @@ seconds unless the name ends in ``_ms``, memory is bytes::
                         "rss_end": int | null, "peak": int | null,  # VmHWM
                         "samples": [[float, int], ...]},   # [seconds, VmRSS]
       "gateway_cpu_s": float | null,               # user + system, first request to the end
+      "soak_cpu_s": float,                         # the soak's own process, while sending
       "mixes": [{"number": int, "at_s": float, "profiles": {"openai": {...}, ...}}],
       "duration_s": float, "throughput_per_s": float | null,
       "end": {"gateway_alive": bool, "health_answered": bool,
@@ -125,6 +133,7 @@ import itertools
 import math
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -141,6 +150,7 @@ import httpx
 import orjson
 import trio
 
+from mock_server.conversation import reply_for
 from mock_server.faults import DECISION_ORDER, STREAM_ONLY, FaultKind
 from orchestrator.load import (
     CHAT_PATH,
@@ -149,6 +159,7 @@ from orchestrator.load import (
     LoadError,
     LoadOptions,
     Planner,
+    RequestPlan,
     discover_primary,
     exchange,
     read_mock_stats,
@@ -180,6 +191,10 @@ DEFAULT_DEADLINE = 20.0
 CLIENT_MARGIN = 10.0
 #: Progress lines, /health polls and memory samples: this often.
 PROGRESS_PERIOD = 5.0
+#: Workers per client pool. httpcore scans every connection of a pool on each request
+#: (DESIGN section 6): with one pool of 64 the soak's own process was the busiest of the
+#: three on the machine, so the workers share several small pools instead.
+WORKERS_PER_POOL = 8
 #: Failing requests listed in the report, per reason.
 EXAMPLES = 10
 #: A started server must answer /health within this long.
@@ -394,27 +409,53 @@ def _malformed(reason: str) -> Verdict:
     return Verdict("malformed", reason)
 
 
-def judge_answer(status: int, content_type: str, body: bytes, *, whole: bool = True) -> Verdict:
+def judge_answer(
+    status: int, content_type: str, body: bytes, *, whole: bool = True, expected: str | None = None
+) -> Verdict:
     """Judge one answer from its status, content type and body bytes.
 
     ``whole`` False means the body did not reach its end (the client stopped reading):
-    whatever it holds, it is not a complete answer.
+    whatever it holds, it is not a complete answer. ``expected``, when given, is the
+    text a complete answer must carry (the mock's reply to the request's prompt): a
+    complete answer with other text is ``wrong_content`` -- another request's answer,
+    or a continuation that repeated or lost a piece.
     """
     if not whole:
         return _malformed("truncated:body_cut")
     if content_type.startswith("text/event-stream"):
         if status != 200:
             return _malformed(f"stream_with_status_{status}")
-        return _judge_events(_data_payloads(body))
+        payloads = _data_payloads(body)
+        verdict = _judge_events(payloads)
+        if verdict is COMPLETE and payloads is not None:
+            return _matching(_stream_text(payloads), expected)
+        return verdict
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
     if status == 200:
-        return COMPLETE if _is_completion(parsed) else _malformed("incomplete_completion")
+        if not _is_completion(parsed):
+            return _malformed("incomplete_completion")
+        return _matching(parsed["choices"][0]["message"].get("content"), expected)
     if status >= 400:
         return WELL_FORMED_ERROR if _is_openai_error(parsed) else _malformed(f"unshaped_error_{status}")
     return _malformed(f"unexpected_status_{status}")
+
+
+def _matching(text: object, expected: str | None) -> Verdict:
+    return COMPLETE if expected is None or text == expected else _malformed("wrong_content")
+
+
+def _stream_text(payloads: list[bytes]) -> str:
+    """The content of a complete stream's chunks (already judged well-formed)."""
+    pieces = []
+    for payload in payloads[:-1]:  # the last is [DONE]
+        for choice in orjson.loads(payload)["choices"]:
+            content = (choice.get("delta") or {}).get("content")
+            if isinstance(content, str):
+                pieces.append(content)
+    return "".join(pieces)
 
 
 def _data_payloads(body: bytes) -> list[bytes] | None:
@@ -496,8 +537,8 @@ class _Watch:
     body: bytearray = attrs.Factory(bytearray)
     whole: bool = False
 
-    def verdict(self) -> Verdict:
-        return judge_answer(self.status, self.content_type, bytes(self.body), whole=self.whole)
+    def verdict(self, expected: str | None) -> Verdict:
+        return judge_answer(self.status, self.content_type, bytes(self.body), whole=self.whole, expected=expected)
 
 
 class _WatchedStream(httpx.AsyncByteStream):
@@ -540,8 +581,9 @@ class _WatchingTransport(httpx.AsyncBaseTransport):
             extensions=response.extensions,
         )
 
-    def verdict(self, request_id: str, result: Result) -> Verdict | None:
-        """The verdict on ``result``'s answer (None: no response), forgetting its watch."""
+    def verdict(self, request_id: str, result: Result, *, expected: str | None = None) -> Verdict | None:
+        """The verdict on ``result``'s answer (None: no response), forgetting its watch.
+        ``expected``: the text a complete answer must carry (see :func:`judge_answer`)."""
         watch = self._watches.pop(request_id, None)
         if result.outcome == "lost":
             return None
@@ -549,7 +591,7 @@ class _WatchingTransport(httpx.AsyncBaseTransport):
             return _malformed("unwatched")
         if not watch.whole:  # the body broke off: the load script says why
             return _malformed(f"truncated:{result.detail or 'body_cut'}")
-        return watch.verdict()
+        return watch.verdict(expected)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -822,6 +864,12 @@ async def _open_servers(
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _own_cpu_seconds() -> float:
+    """User + system CPU time of this process (the soak's clients) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of ``pid`` so far; None when it is gone."""
     try:
@@ -990,23 +1038,25 @@ class _Run:
         pid = self.servers.gateway_pid
         return _proc_status(pid).get("VmRSS") if pid is not None else None
 
-    async def drive(self, client: httpx.AsyncClient, transport: _WatchingTransport) -> None:
-        """Send every request, ``concurrency`` at a time; blocks until all are done."""
+    async def drive(self, pools: Sequence[_Pool]) -> None:
+        """Send every request, ``concurrency`` at a time (one worker per connection of
+        ``pools``); blocks until all are done."""
         options = self.options
         # The planner reads only the model, the stream fraction and the seed.
         planner = Planner(LoadOptions.for_bursts(bursts=1, concurrency=options.concurrency, model=options.model,
                                                  stream=options.stream, seed=options.seed))
         async with trio.open_nursery() as nursery:
-            for _ in range(min(options.concurrency, options.requests)):
-                nursery.start_soon(self._worker, client, transport, planner)
+            for pool in pools:
+                for _ in range(pool.size):
+                    nursery.start_soon(self._worker, pool, planner)
 
-    async def _worker(self, client: httpx.AsyncClient, transport: _WatchingTransport, planner: Planner) -> None:
+    async def _worker(self, pool: _Pool, planner: Planner) -> None:
         tally = self.tally
         while tally.sent < tally.planned:
             plan = planner.next(None)
             tally.sent += 1
-            result = await exchange(client, plan, timeout=self.options.client_timeout, origin=self.origin)
-            verdict = transport.verdict(plan.request_id, result)
+            result = await exchange(pool.client, plan, timeout=self.options.client_timeout, origin=self.origin)
+            verdict = pool.transport.verdict(plan.request_id, result, expected=_expected_reply(plan))
             self.answers.append(_Answer(plan.request_id, result, verdict))
             if verdict is None:
                 tally.no_response += 1
@@ -1104,23 +1154,46 @@ class _Run:
         return health, None
 
 
-def _open_client(options: SoakOptions, gateway_url: str) -> tuple[httpx.AsyncClient, _WatchingTransport]:
-    """The one client of the requests, as the load script's: a keep-alive pool as large as
-    the concurrency, no retries, no proxies, no httpx timeouts (``exchange`` bounds each
-    request); under it, the watching transport. Identity encoding, so the watched bytes
-    are the body."""
-    limits = httpx.Limits(
-        max_connections=options.concurrency,
-        max_keepalive_connections=options.concurrency,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-    )
+def _expected_reply(plan: RequestPlan) -> str:
+    """The mock's reply to ``plan``'s prompt: a function of the last user message alone,
+    whichever personality answers and however many times the answer was continued."""
+    return reply_for(orjson.loads(plan.body)["messages"][-1]["content"])
+
+
+@attrs.frozen
+class _Pool:
+    """A client for ``size`` workers, and the watching transport under it."""
+
+    client: httpx.AsyncClient
+    transport: _WatchingTransport
+    size: int
+
+
+def _open_pool(options: SoakOptions, gateway_url: str, size: int) -> _Pool:
+    """A client as the load script's: keep-alive connections, one per worker, no
+    retries, no proxies, no httpx timeouts (``exchange`` bounds each request); under
+    it, the watching transport. Identity encoding, so the watched bytes are the body."""
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=KEEPALIVE_EXPIRY)
     transport = _WatchingTransport(httpx.AsyncHTTPTransport(retries=0, limits=limits, trust_env=False))
     headers = {"accept-encoding": "identity"}
     if options.api_key:
         headers["authorization"] = f"Bearer {options.api_key}"
     client = httpx.AsyncClient(base_url=gateway_url, transport=transport, timeout=None, trust_env=False,
                                headers=headers)
-    return client, transport
+    return _Pool(client, transport, size)
+
+
+@contextlib.asynccontextmanager
+async def _open_pools(options: SoakOptions, gateway_url: str) -> AsyncIterator[list[_Pool]]:
+    """Pools of :data:`WORKERS_PER_POOL` workers (the last one smaller), as many as the
+    concurrency needs; closed on exit."""
+    workers = min(options.concurrency, options.requests)
+    sizes = [min(WORKERS_PER_POOL, workers - start) for start in range(0, workers, WORKERS_PER_POOL)]
+    async with contextlib.AsyncExitStack() as stack:
+        pools = [_open_pool(options, gateway_url, size) for size in sizes]
+        for pool in pools:
+            await stack.enter_async_context(pool.client)
+        yield pools
 
 
 async def run_soak(options: SoakOptions, *, say: Callable[[str], None] | None = None) -> SoakReport:
@@ -1166,6 +1239,7 @@ class _Gathered:
     rss_end: int | None
     peak: int | None
     cpu: float | None
+    own_cpu: float
     gateway_alive: bool
     duration: float
 
@@ -1180,17 +1254,18 @@ async def _gather(run: _Run) -> _Gathered:
     rss_start = run.rss()
     pid = servers.gateway_pid
     cpu_start = _cpu_seconds(pid) if pid is not None else None
-    client, transport = _open_client(run.options, servers.gateway_url)
-    async with client:
-        primary = await discover_primary(client, run.options.model)
+    own_cpu_start = _own_cpu_seconds()
+    async with _open_pools(run.options, servers.gateway_url) as pools:
+        primary = await discover_primary(pools[0].client, run.options.model)
         run.origin = trio.current_time()
         async with trio.open_nursery() as nursery:
             # The first mix is in place before the first request is sent.
             await nursery.start(run.chaos)
             nursery.start_soon(run.watch)
-            await run.drive(client, transport)
+            await run.drive(pools)
             nursery.cancel_scope.cancel()
     duration = run.elapsed()
+    own_cpu = _own_cpu_seconds() - own_cpu_start
     run.note(f"all {run.tally.planned} requests done; waiting for the gateway's in-flight count to reach 0")
     health_after, settle = await run.settle()
     try:
@@ -1210,6 +1285,7 @@ async def _gather(run: _Run) -> _Gathered:
         rss_end=status.get("VmRSS"),
         peak=status.get("VmHWM"),
         cpu=None if cpu_start is None or cpu_end is None else cpu_end - cpu_start,
+        own_cpu=own_cpu,
         gateway_alive=servers.gateway_alive(),
         duration=duration,
     )
@@ -1293,6 +1369,8 @@ class SoakReport:
     memory: Memory | None
     #: CPU seconds the gateway process used from the first request to the end.
     cpu: float | None
+    #: CPU seconds the soak's own process used while it sent the requests.
+    own_cpu: float
     mixes: tuple[Mix, ...]
     health: Percentiles
     duration: float
@@ -1367,6 +1445,7 @@ class SoakReport:
             "breakers": {name: attrs.asdict(breaker) for name, breaker in self.breakers.items()},
             "memory": None if self.memory is None else self.memory.to_json(),
             "gateway_cpu_s": None if self.cpu is None else round(self.cpu, 3),
+            "soak_cpu_s": round(self.own_cpu, 3),
             "mixes": [mix.to_json() for mix in self.mixes],
             "duration_s": round(self.duration, 3),
             "throughput_per_s": None if self.throughput is None else round(self.throughput, 3),
@@ -1459,11 +1538,13 @@ class SoakReport:
         return ", ".join(parts)
 
     def _cpu_line(self) -> str:
+        own = f"the soak itself {self.own_cpu:.1f} s"
         if self.cpu is None:
-            return "not measured"
+            return f"gateway not measured; {own}"
         per_request = self.cpu / self.total.sent * 1000 if self.total.sent else 0.0
         busy = self.cpu / self.duration if self.duration > 0 else 0.0
-        return f"gateway {self.cpu:.1f} s ({per_request:.2f} ms per request, {busy:.0%} of one core on average)"
+        return (f"gateway {self.cpu:.1f} s ({per_request:.2f} ms per request, {busy:.0%} of one core on average); "
+                f"{own}")
 
     def _end_line(self) -> str:
         if self.in_flight is None:
@@ -1540,6 +1621,7 @@ def _report(run: _Run, gathered: _Gathered, *, started_at: str, workdir: Path | 
         breakers={name: Breaker.between(gathered.health_before, gathered.health_after, name) for name in PROVIDERS},
         memory=memory,
         cpu=gathered.cpu,
+        own_cpu=gathered.own_cpu,
         mixes=tuple(run.mixes),
         health=Percentiles.of_seconds(run.health_seconds),
         duration=gathered.duration,

@@ -93,6 +93,20 @@ def test_judge_answer(status, content_type, body, expected):
     assert judge_answer(status, content_type, body) == expected
 
 
+def test_a_complete_answer_must_carry_the_reply_to_its_own_prompt():
+    # The mock's reply is a function of the prompt: a gateway that mixes up answers, or
+    # continues a broken stream with a piece repeated or lost, sends the wrong text.
+    stream = ROLE + WORDS + FINISH + DONE
+    assert judge_answer(200, SSE, stream, expected="hello world") == Verdict("complete")
+    assert judge_answer(200, SSE, stream, expected="hello there") == Verdict("malformed", "wrong_content")
+    repeated = ROLE + WORDS + chunk(" world") + FINISH + DONE
+    assert judge_answer(200, SSE, repeated, expected="hello world") == Verdict("malformed", "wrong_content")
+    assert judge_answer(200, JSON, COMPLETION, expected="hi") == Verdict("complete")
+    assert judge_answer(200, JSON, COMPLETION, expected="ho") == Verdict("malformed", "wrong_content")
+    # Errors carry no reply to compare.
+    assert judge_answer(200, SSE, ROLE + WORDS + ERROR_EVENT, expected="x") == Verdict("error")
+
+
 def test_crlf_event_streams_are_read_like_lf_ones():
     body = (ROLE + WORDS + FINISH + DONE).replace(b"\n", b"\r\n")
     assert judge_answer(200, SSE, body) == Verdict("complete")
