@@ -54,14 +54,17 @@ client) and judges each one:
   (``{"error": {"message", "type", "param", "code"}}``), or a 200 event stream of
   well-formed chunks ended by one ``data: {"error": {...}}`` event in that shape and no
   ``[DONE]``;
-- **malformed**: anything else, by reason: ``no_done`` (a stream that stops with
-  neither), ``wrong_content`` (complete in form, but not the reply to this prompt:
+- **malformed**: anything else -- including an answer that is complete or a
+  well-formed error by its body but whose headers break the gateway's promises -- by
+  reason: ``no_done`` (a stream that stops with neither), ``wrong_content`` (complete in form, but not the reply to this prompt:
   another request's answer, or a continuation that repeated or lost text),
   ``done_without_finish_reason``, ``data_after_done``, ``data_after_error``,
   ``invalid_event``, ``invalid_chunk``, ``unshaped_error_event``, ``partial_event``,
   ``incomplete_completion``, ``unshaped_error_<status>``, ``unexpected_status_<status>``,
   ``stream_with_status_<status>``, ``truncated:<why>`` (the body broke off: the
-  connection failed or the client's ``--timeout`` passed mid-answer), or ``unwatched``
+  connection failed or the client's ``--timeout`` passed mid-answer),
+  ``request_id_mismatch`` (``x-request-id`` missing or not the id sent),
+  ``no_retry_after_<status>`` (a 429 or 503 without ``Retry-After``), or ``unwatched``
   (an answer that bypassed the watch: a bug of the soak itself).
 
 A request with no status line at all is **no response**, by the load script's reasons.
@@ -176,6 +179,7 @@ __all__ = [
     "draw_profile",
     "exit_status_of",
     "judge_answer",
+    "judge_headers",
     "judge_run",
     "main",
     "run_soak",
@@ -443,6 +447,17 @@ def judge_answer(
     return _malformed(f"unexpected_status_{status}")
 
 
+def judge_headers(status: int, headers: Mapping[str, str], request_id: str) -> Verdict | None:
+    """What every answer's headers must say (DESIGN section 3): the request's id echoed in
+    ``x-request-id``, and, on a 429 or a 503, a ``Retry-After`` in whole seconds. None
+    when they say it."""
+    if headers.get("x-request-id") != request_id:
+        return _malformed("request_id_mismatch")
+    if status in (429, 503) and not headers.get("retry-after", "").strip().isdigit():
+        return _malformed(f"no_retry_after_{status}")
+    return None
+
+
 def _matching(text: object, expected: str | None) -> Verdict:
     return COMPLETE if expected is None or text == expected else _malformed("wrong_content")
 
@@ -533,12 +548,16 @@ class _Watch:
     """The bytes of one answer as the client read them; ``whole`` once the body ended."""
 
     status: int
-    content_type: str
+    headers: httpx.Headers
     body: bytearray = attrs.Factory(bytearray)
     whole: bool = False
 
-    def verdict(self, expected: str | None) -> Verdict:
-        return judge_answer(self.status, self.content_type, bytes(self.body), whole=self.whole, expected=expected)
+    def verdict(self, request_id: str, expected: str | None) -> Verdict:
+        content_type = self.headers.get("content-type", "")
+        verdict = judge_answer(self.status, content_type, bytes(self.body), whole=self.whole, expected=expected)
+        if verdict.kind == "malformed":  # the body's fault comes first: it says more
+            return verdict
+        return judge_headers(self.status, self.headers, request_id) or verdict
 
 
 class _WatchedStream(httpx.AsyncByteStream):
@@ -571,7 +590,7 @@ class _WatchingTransport(httpx.AsyncBaseTransport):
         request_id = request.headers.get("x-request-id")
         if request_id is None or request.url.path != CHAT_PATH:
             return response
-        watch = _Watch(response.status_code, response.headers.get("content-type", ""))
+        watch = _Watch(response.status_code, response.headers)
         self._watches[request_id] = watch
         assert isinstance(response.stream, httpx.AsyncByteStream)
         return httpx.Response(
@@ -591,7 +610,7 @@ class _WatchingTransport(httpx.AsyncBaseTransport):
             return _malformed("unwatched")
         if not watch.whole:  # the body broke off: the load script says why
             return _malformed(f"truncated:{result.detail or 'body_cut'}")
-        return watch.verdict(expected)
+        return watch.verdict(request_id, expected)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -28,6 +28,7 @@ from orchestrator.soak import (
     draw_profile,
     exit_status_of,
     judge_answer,
+    judge_headers,
     judge_run,
     run_soak,
 )
@@ -107,6 +108,16 @@ def test_a_complete_answer_must_carry_the_reply_to_its_own_prompt():
     assert judge_answer(200, SSE, ROLE + WORDS + ERROR_EVENT, expected="x") == Verdict("error")
 
 
+def test_headers_must_echo_the_request_id_and_give_a_retry_after_when_shedding():
+    good = {"x-request-id": "load-1-7", "retry-after": "2"}
+    assert judge_headers(200, {"x-request-id": "load-1-7"}, "load-1-7") is None
+    assert judge_headers(503, good, "load-1-7") is None and judge_headers(429, good, "load-1-7") is None
+    assert judge_headers(200, {}, "load-1-7") == Verdict("malformed", "request_id_mismatch")
+    assert judge_headers(200, {"x-request-id": "load-1-8"}, "load-1-7") == Verdict("malformed", "request_id_mismatch")
+    assert judge_headers(503, {"x-request-id": "load-1-7"}, "load-1-7") == Verdict("malformed", "no_retry_after_503")
+    assert judge_headers(502, {"x-request-id": "load-1-7"}, "load-1-7") is None
+
+
 def test_crlf_event_streams_are_read_like_lf_ones():
     body = (ROLE + WORDS + FINISH + DONE).replace(b"\n", b"\r\n")
     assert judge_answer(200, SSE, body) == Verdict("complete")
@@ -122,8 +133,10 @@ async def test_a_truncated_stream_through_exchange_is_malformed_not_lost():
     bodies = {"complete": ROLE + WORDS + FINISH + DONE, "cut": ROLE + WORDS}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        kind = "cut" if request.headers["x-request-id"].endswith("-1") else "complete"
-        return httpx.Response(200, headers={"content-type": SSE}, content=bodies[kind])
+        request_id = request.headers["x-request-id"]
+        kind = "cut" if request_id.endswith("-1") else "complete"
+        headers = {"content-type": SSE, "x-request-id": request_id}
+        return httpx.Response(200, headers=headers, content=bodies[kind])
 
     transport = soak._WatchingTransport(httpx.MockTransport(handler))
     planner = Planner(LoadOptions.for_bursts(bursts=1, concurrency=2, stream=1.0, seed=3))
@@ -266,11 +279,12 @@ async def test_the_soak_fails_a_gateway_that_cuts_streams(mock_server_url, tmp_p
     assert b"FAIL  malformed is 0" in completed.stdout
     data = orjson.loads(json_path.read_bytes())
     assert data["passed"] is False
-    assert data["requests"]["malformed"] > 0 and set(data["malformed"]) == {"no_done"}
+    # Its cut streams, and (the mock being no gateway) answers without x-request-id.
+    assert data["requests"]["malformed"] > 0 and set(data["malformed"]) == {"no_done", "request_id_mismatch"}
     assert data["requests"]["no_response"] == 0
     assert data["memory"] is None and data["gateway"]["started"] is False
     # Each failing request is listed by the id the gateway (here: the mock) logs.
     examples = data["examples"]
-    assert 0 < len(examples) <= 10
-    assert {example["verdict"] for example in examples} == {"malformed:no_done"}
+    assert 0 < len(examples) <= 20  # ten per reason at most
+    assert {example["verdict"] for example in examples} == {"malformed:no_done", "malformed:request_id_mismatch"}
     assert all(example["request_id"].startswith("load-4-") and example["stream"] for example in examples)
