@@ -161,19 +161,21 @@ class Router:
         policy = self._config.retry_for(route)
         deployments = route.deployments if deployments is None else deployments
         body = request.body if body is None else body
-        for round_number in range(1, policy.max_attempts + 1):
+        # Rounds over the deployments: another one only after waiting out rate limits,
+        # for as long as the wait fits the deadline (each wait is at least
+        # MIN_RATE_LIMIT_WAIT, so the deadline ends the loop).
+        while True:
             tally = _Round()
             opened = await self._round(request, body, journey, deployments, policy, tally)
             if opened is not None:
                 return opened
             wait = self._rate_limit_wait(tally, journey)
-            if wait is None or round_number == policy.max_attempts:
+            if wait is None:
                 raise self._final_error(tally, journey)
             event(INFO, journey.request_id, "rate_limit_wait",
                   f"every deployment is rate limited: waiting {wait:.2f}s for the earliest to clear",
                   wait_seconds=round(wait, 3))
             await trio.sleep(wait)
-        raise AssertionError("unreachable: the last round raises")
 
     async def _round(
         self,

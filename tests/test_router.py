@@ -176,6 +176,18 @@ async def test_all_rate_limited_waits_for_the_earliest_when_it_fits(autojump_clo
     assert upstream.calls("primary") == [start]
 
 
+async def test_rate_limits_are_waited_out_for_as_long_as_the_deadline_allows(autojump_clock, upstream):
+    upstream.script("primary", *[error(429, retry_after="1")] * 6)
+    upstream.script("backup", *[error(429, retry_after="1")] * 6)
+    async with open_orchestrator(two_provider_config(), transport=upstream.transport) as gw:
+        start = trio.current_time()
+        completion = await gw.chat_completion(REQUEST, timeout=30)
+    # Six rounds of 429s a second apart, then the seventh round is answered.
+    assert completion.provider == "primary"
+    assert upstream.calls("primary") == pytest.approx([start + n for n in range(7)])
+    assert [a.outcome for a in completion.attempts].count("rate_limit") == 12
+
+
 async def test_all_rate_limited_beyond_the_deadline_is_429_with_retry_after(autojump_clock, upstream):
     upstream.script("primary", error(429, retry_after="30"))
     upstream.script("backup", error(429, retry_after="20"))
