@@ -22,9 +22,10 @@ Each request is ``POST /v1/chat/completions`` with a small body (``--model``, de
 ``gpt-4``; a short prompt drawn from ``--seed``). ``--stream`` streams every request;
 ``--stream 0.3`` streams a seeded 30% of them. Streams are read to the end. ``--timeout``
 (default 90 s, longer than the gateway's 60 s deadline) bounds each request as a whole on
-the client's side. All requests share one ``httpx.AsyncClient`` whose pool holds
-``--concurrency`` keep-alive connections, with no retries and no proxy settings from the
-environment.
+the client's side. All requests share one ``httpx.AsyncClient`` holding ``--concurrency``
+keep-alive connections in pools of at most eight (httpcore scans every connection of a
+pool on each request, so one big pool made this script the busiest process on the
+machine), with no retries and no proxy settings from the environment.
 
 ``--mock-url`` reads the mock provider's ``GET /stats`` before and after the run and
 reports the upstream requests per request sent beside the gateway's own count (from its
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import itertools
 import math
 import os
 import random
@@ -85,6 +87,8 @@ DEFAULT_TIMEOUT = 90.0
 #: Below the servers' 5 s keep-alive timeout, so the pool never reuses a connection the
 #: server is closing at that very moment (that request would look lost).
 KEEPALIVE_EXPIRY = 4.0
+#: Connections per pool: small pools keep httpcore's per-request scan short.
+CONNECTIONS_PER_POOL = 8
 #: Bound on the side requests (``/v1/models``, the mock's ``/stats``).
 SIDE_REQUEST_TIMEOUT = 5.0
 WORDS = (
@@ -692,16 +696,36 @@ class _Sender:
         await self.results.send(result)
 
 
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Several small keep-alive pools behind one transport, used in turn."""
+
+    def __init__(self, connections: int, *, per_pool: int = CONNECTIONS_PER_POOL) -> None:
+        sizes = [min(per_pool, connections - start) for start in range(0, connections, per_pool)]
+        self._pools = [
+            httpx.AsyncHTTPTransport(
+                retries=0,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size,
+                                    keepalive_expiry=KEEPALIVE_EXPIRY),
+            )
+            for size in sizes
+        ]
+        self._next = itertools.cycle(self._pools).__next__
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._next().handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+
 def _open_client(options: LoadOptions) -> httpx.AsyncClient:
-    """The one client of the run: a keep-alive pool as large as the concurrency, no
-    retries (each failure is a result to report), no proxies from the environment, and
-    no httpx timeouts (``exchange`` bounds each request with a trio scope)."""
-    limits = httpx.Limits(
-        max_connections=options.concurrency,
-        max_keepalive_connections=options.concurrency,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-    )
-    transport = httpx.AsyncHTTPTransport(retries=0, limits=limits, trust_env=False)
+    """The one client of the run: keep-alive connections for the whole concurrency in
+    small pools, no retries (each failure is a result to report), no proxies from the
+    environment, and no httpx timeouts (``exchange`` bounds each request with a trio
+    scope)."""
+    transport = ShardedTransport(options.concurrency)
     headers = {"authorization": f"Bearer {options.api_key}"} if options.api_key else None
     return httpx.AsyncClient(
         base_url=options.url, transport=transport, timeout=None, trust_env=False, headers=headers
