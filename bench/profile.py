@@ -10,8 +10,8 @@ installs it in ``.peers/tools-venv``) in ``--gil`` mode: only samples where the
 gateway runs Python count, so time spent runnable-but-descheduled inside a socket
 call (the mock and wrk share the two cores) is not mistaken for the gateway's own
 cost. Prints the hottest functions by own time and by inclusive time, and own time
-by layer; keeps the raw samples (``bench/results/profile-*.txt``, flamegraph.pl's
-input format) for a flame graph.
+by layer; ``--raw FILE`` keeps the samples (flamegraph.pl's input format) for a
+flame graph.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from bench.targets import REPO, body_for, start_gateway, start_mock
 __all__ = ["main", "summarize"]
 
 PY_SPY = REPO / ".peers" / "tools-venv" / "bin" / "py-spy"
-RESULTS = REPO / "bench" / "results"
 WARMUP = 3.0
 
 #: Own time is charged to the first layer whose path fragment a frame's file contains.
@@ -105,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("json", "stream"), default="json")
     parser.add_argument("--seconds", type=int, default=20, help="sampled seconds (default 20)")
     parser.add_argument("--rate", type=int, default=100, help="samples per second (default 100)")
+    parser.add_argument("--raw", type=Path, default=None, metavar="FILE", help="keep the raw samples here")
     args = parser.parse_args(argv)
     if not PY_SPY.exists():
         raise SystemExit("bench.profile: py-spy is not installed: run `make bench-peers`")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    output = RESULTS / time.strftime("profile-%Y%m%d-%H%M%S.txt")
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as scratch:
         workdir = Path(scratch)
+        output = args.raw or workdir / "samples.txt"
         body = workdir / "body.json"
         body.write_bytes(body_for(args.latency_ms, stream=args.mode == "stream"))
         mock = start_mock(workdir)
@@ -136,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             if gateway is not None:
                 gateway.server.stop()
             mock.server.stop()
-    print(f"gateway, 1 worker; mock latency {args.latency_ms} ms, {args.mode}, {args.connections} connections;"
-          f" {args.seconds} s at {args.rate} Hz; raw samples: {output}")
-    print(next((line for line in result.splitlines() if line.startswith("BENCH_RESULT")), result.strip()))
-    print(summarize(output.read_text()))
+        print(f"gateway, 1 worker; mock latency {args.latency_ms} ms, {args.mode}, {args.connections} connections;"
+              f" {args.seconds} s at {args.rate} Hz" + (f"; raw samples: {args.raw}" if args.raw else ""))
+        print(next((line for line in result.splitlines() if line.startswith("BENCH_RESULT")), result.strip()))
+        print(summarize(output.read_text()))
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from bench.clients import Load, available_client, run_load
 from bench.procs import MemorySampler, cpu_seconds, machine_busy_seconds, rss_bytes
-from bench.report import MIB, NOISY, Cell, check_targets, compare, refusals, table
+from bench.report import MIB, NOISY, Cell, check_targets, compare, notes, refusals, table
 from bench.targets import (
     LITELLM_VERSION,
     Target,
@@ -135,8 +135,7 @@ def _start(name: str, workdir: Path, mock: Target) -> Target | None:
 
 def _measure_target(target: Target, mock: Target, client: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
     pids = target.server.pids()
-    idle = sum(rss_bytes(pid) for pid in pids) / MIB
-    cells = []
+    cells: list[Cell] = []
     for latency in args.latency_ms:
         for mode in args.modes:
             for connections in args.concurrency:
@@ -146,7 +145,7 @@ def _measure_target(target: Target, mock: Target, client: str, args: argparse.Na
                     _wait_for_quiet([*pids, mock.server.pid], args.quiet_wait)
                     if args.warmup:
                         run_load(client, dataclasses.replace(load, duration=args.warmup))
-                    cell = _measure_cell(target, mock, client, load, pids, idle, latency, mode)
+                    cell = _measure_cell(target, mock, client, load, pids, latency, mode)
                     cell.attempts = attempt
                     if attempt > args.retries or not any(reason.startswith("noisy") for reason in cell.refused):
                         break
@@ -156,6 +155,12 @@ def _measure_target(target: Target, mock: Target, client: str, args: argparse.Na
                 _progress(f"{target.name:>9} {latency:>2} ms {mode:<6} {connections:>3} conns: {cell.rps:7.0f} req/s"
                           f"  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {sum(cell.errors.values())}"
                           f"{refused}")
+                if len(cells) == 1:
+                    # Memory growth is counted from here: warm (every code path of the
+                    # first cell has run, pools exist) and idle (nothing in flight).
+                    idle = sum(rss_bytes(pid) for pid in pids) / MIB
+    for cell in cells:
+        cell.rss_idle_mib = round(idle, 1)
     return cells
 
 
@@ -183,7 +188,7 @@ def _wait_for_quiet(ours: list[int], patience: float) -> None:
 
 
 def _measure_cell(
-    target: Target, mock: Target, client: str, load: Load, pids: list[int], idle_mib: float, latency: int, mode: str
+    target: Target, mock: Target, client: str, load: Load, pids: list[int], latency: int, mode: str
 ) -> Cell:
     """One measured run of ``load``: the load generator's figures, and what it cost whom."""
     watched = list(dict.fromkeys([*pids, mock.server.pid]))
@@ -210,13 +215,14 @@ def _measure_cell(
         p99_ms=result.p99_ms,
         errors=result.errors,
         processes=processes,
-        rss_idle_mib=round(idle_mib, 1),
+        rss_idle_mib=0.0,  # set once the target's first cell has warmed it up
         rss_peak_mib=round(memory.peak / MIB, 1),
         mock_cpu=used[mock.server.pid] / wall,
         client_cpu=result.client_cpu / wall,
         others_cpu=max(0.0, busy - ours) / wall,
     )
     cell.refused = refusals(cell, client)
+    cell.notes = notes(cell)
     return cell
 
 
