@@ -246,7 +246,7 @@ def _machine(client: str) -> dict[str, object]:
     client_version = "bench.loadgen (Python, built in)"
     if client == "wrk":
         probe = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True, check=False)
-        client_version = (probe.stdout or probe.stderr).splitlines()[0].strip()
+        client_version = " ".join((probe.stdout or probe.stderr).split()[:2])  # "wrk debian/4.1.0-3+b2"
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpu_model": model,
