@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -111,6 +112,9 @@ def hypercorn_config(
     config.bind = [f"{bind_host}:{port}"]
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = keep_alive_timeout
+    # hypercorn's default of 100 overflows when hundreds of clients connect at once (a
+    # burst of 500 connects left SYNs to be retried a second later: multi-second p99s).
+    config.backlog = 1024
     config.h11_max_incomplete_size = max_header_bytes
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -293,7 +297,17 @@ class _HypercornApp:
 
 
 class _Connection(TCPServer):
-    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` in HTTP scopes."""
+    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` in HTTP scopes, and
+    a read loop that ends when the connection does.
+
+    When a client sends its next request before the current one is answered (wrk does,
+    any pipelining client does), h11 pauses and hypercorn's read loop waits inside the
+    protocol for the current cycle to end. If the server then closes the connection
+    instead of starting the next cycle (shutting down, ``Connection: close``), nothing
+    wakes that wait again: the connection task lingers until the grace period cancels
+    it, so a graceful shutdown under keep-alive load took the whole grace period. Here
+    the read loop runs in a cancel scope that closing the connection cancels.
+    """
 
     def __init__(
         self,
@@ -304,6 +318,17 @@ class _Connection(TCPServer):
         stream: trio.SocketStream,
     ) -> None:
         super().__init__(_HypercornApp(app, self.abort), config, context, state, stream)
+        self._reading = trio.CancelScope()
+
+    async def _read_data(self) -> None:
+        with self._reading:
+            await super()._read_data()
+
+    async def protocol_send(self, event: Event) -> None:
+        await super().protocol_send(event)
+        if isinstance(event, Closed):
+            # Our side closed the connection: there is nothing left to read.
+            self._reading.cancel()
 
     async def abort(self) -> None:
         """Reset the connection: the peer reads ECONNRESET instead of a response.

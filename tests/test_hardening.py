@@ -17,7 +17,7 @@ import trio
 
 from gateway_fixtures import SEED_BODY, demo_config, start_gateway
 from mock_server.faults import FaultProfile
-from orchestrator.config import ProviderConfig
+from orchestrator.server import serve_gateway
 
 ORCHESTRATOR = str(Path(sys.executable).with_name("orchestrator"))
 
@@ -278,3 +278,35 @@ async def test_serve_with_mock_is_make_run_and_one_ctrl_c_stops_both():
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_graceful_shutdown_does_not_wait_for_pipelined_keep_alive_connections(
+    mock_server_url, mock_state, nursery
+):
+    # A client that sends its next request before the current one is answered (as wrk
+    # does) used to leave hypercorn's read loop waiting forever once the server chose to
+    # close instead of recycling: shutdown then took the whole grace period.
+    mock_state.configure(FaultProfile(latency_ms=300))
+    config = demo_config(mock_server_url, shutdown_grace=30)
+    stopping = trio.Event()
+    stopped = trio.Event()
+
+    async def gateway(task_status=trio.TASK_STATUS_IGNORED):
+        await serve_gateway(config, port=0, handle_signals=False, shutdown_trigger=stopping.wait,
+                            task_status=task_status)
+        stopped.set()
+
+    [url] = await nursery.start(gateway)
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+               % (len(SEED_BODY), SEED_BODY))
+    streams = [await open_raw(url) for _ in range(3)]
+    for stream in streams:
+        await stream.send_all(request + request)  # pipelined: the second waits for the first
+    await trio.sleep(0.1)
+    stopping.set()
+    start = trio.current_time()
+    answers = [await read_until_closed(stream, within=5) for stream in streams]
+    with trio.fail_after(5):
+        await stopped.wait()
+    assert trio.current_time() - start < 2  # not the 30 s grace period
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
