@@ -187,6 +187,8 @@ class Orchestrator:
             providers[name] = snapshot.as_json(now)
         return {
             "status": "healthy",
+            # With --workers each process answers for itself: say which one did.
+            "worker_pid": os.getpid(),
             "in_flight": self._in_flight,
             "max_in_flight": self.config.max_in_flight,
             "providers": providers,
