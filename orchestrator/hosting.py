@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -307,6 +307,12 @@ class _Connection(TCPServer):
     wakes that wait again: the connection task lingers until the grace period cancels
     it, so a graceful shutdown under keep-alive load took the whole grace period. Here
     the read loop runs in a cancel scope that closing the connection cancels.
+
+    Writes are also fewer: hypercorn hands over a response's head, each body piece and
+    an empty end-of-message as separate writes, each behind a lock, a shielded scope and
+    a socket call. Empty writes are dropped, and a final response's head is held until
+    the next write (its body, or the connection's next event), so a whole small answer
+    leaves in one socket write. Informational heads (``100 Continue``) go at once.
     """
 
     def __init__(
@@ -319,12 +325,27 @@ class _Connection(TCPServer):
     ) -> None:
         super().__init__(_HypercornApp(app, self.abort), config, context, state, stream)
         self._reading = trio.CancelScope()
+        self._held_head = b""
 
     async def _read_data(self) -> None:
         with self._reading:
             await super()._read_data()
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            data = event.data
+            if not data:
+                return
+            if not self._held_head and _is_final_response_head(data):
+                self._held_head = data
+                return
+            if self._held_head:
+                data, self._held_head = self._held_head + data, b""
+            await super().protocol_send(RawData(data=data))
+            return
+        if self._held_head:  # any other event lets a held head go first
+            head, self._held_head = self._held_head, b""
+            await super().protocol_send(RawData(data=head))
         await super().protocol_send(event)
         if isinstance(event, Closed):
             # Our side closed the connection: there is nothing left to read.
@@ -340,3 +361,8 @@ class _Connection(TCPServer):
         with contextlib.suppress(OSError):  # Already gone: closing is all that is left.
             transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         await transport.aclose()
+
+
+def _is_final_response_head(data: bytes) -> bool:
+    """``HTTP/1.1 200 ...``: a response head whose status is not informational (1xx)."""
+    return data.startswith(b"HTTP/1.") and data[9:10] not in (b"1", b"")

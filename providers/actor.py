@@ -166,6 +166,7 @@ class ProviderActor:
         self._in_flight = 0
         self._totals: Counter[str] = Counter()
         self._transitions = 0
+        self._prepared: dict[tuple[Any, ...], tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
             max(64, config.max_concurrency)
         )
@@ -236,6 +237,26 @@ class ProviderActor:
             self._in_flight -= 1
             self._settle(verdict, admission, call.request_id)
 
+    def _http_request(self, upstream: UpstreamRequest) -> httpx.Request:
+        """The httpx request for ``upstream``, built without httpx's per-request merging.
+
+        An adapter's URLs and headers never change, so their parsed forms are kept;
+        only the body and its length are new each time (the hot path of every call).
+        """
+        key = (upstream.url, *upstream.headers.items())
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            url = httpx.URL(upstream.url)
+            raw = [(b"host", url.netloc), *_DEFAULT_HEADERS,
+                   *((name.encode(), value.encode()) for name, value in upstream.headers.items())]
+            if len(self._prepared) < 64:  # a handful of URL and header sets per adapter
+                self._prepared[key] = (url, raw)
+            prepared = (url, raw)
+        url, raw = prepared
+        content = upstream.content
+        headers = [*raw, (b"content-length", str(len(content)).encode())]
+        return httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(content))
+
     def _translate(self, call: Call) -> UpstreamRequest | Failed:
         """The upstream request for ``call``, or why this provider cannot take it.
 
@@ -259,7 +280,7 @@ class ProviderActor:
         outcome: Outcome | None = None
         with trio.move_on_at(deadline):
             try:
-                response = await client.post(upstream.url, content=upstream.content, headers=upstream.headers)
+                response = await client.send(self._http_request(upstream))
             except httpx.TransportError as error:
                 outcome = _transport_failure(error, trio.current_time() - started)
             else:
@@ -308,7 +329,7 @@ class ProviderActor:
         upstream = self._translate(call)
         if isinstance(upstream, Failed):
             return _reply(call, upstream)
-        request = client.build_request("POST", upstream.url, content=upstream.content, headers=upstream.headers)
+        request = self._http_request(upstream)
         deadline, own = self._deadline(started, timeouts.attempt, call.deadline)
         response: httpx.Response | None = None
         with trio.move_on_at(deadline):
@@ -517,6 +538,14 @@ def _finished(decoder: StreamDecoder) -> bool:
     # OpenAI sends usage after the last finish_reason, so both together mean the answer
     # is complete even if [DONE] never comes; Anthropic's message_delta carries both.
     return decoder.done or (decoder.finish_reason is not None and decoder.usage is not None)
+
+
+#: Sent with every upstream request, as httpx's client would have sent them.
+_DEFAULT_HEADERS = (
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"connection", b"keep-alive"),
+    (b"user-agent", b"orchestrator"),
+)
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
