@@ -168,8 +168,12 @@ async def _stream_response(stream: ChunkStream) -> Response:
 async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
     try:
         try:
-            async for chunk in stream:
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            while True:
+                try:
+                    batch = await stream.next_batch()
+                except StopAsyncIteration:
+                    break
+                yield b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in batch)
         except StreamInterrupted as error:
             # Honest ending: an error event and no [DONE], so no client mistakes the
             # truncated text for a whole answer.

@@ -65,6 +65,8 @@ class ChunkStream:
         self._prefix_chunks = 0
         self._tool_calls_seen = False
         self._done = False
+        #: An ending (StreamEnd or StreamBroken) that ``next_batch`` took but did not handle.
+        self._deferred: StreamItem | None = None
 
     @property
     def request_id(self) -> str:
@@ -89,10 +91,14 @@ class ChunkStream:
                 return self._present(self._head.popleft())
             if self._done:
                 raise StopAsyncIteration
-            try:
-                item = await self._chunks.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                item = StreamBroken(ErrorClass.TRANSIENT, "the provider's stream stopped without an end")
+            item = self._deferred
+            if item is not None:
+                self._deferred = None
+            else:
+                try:
+                    item = await self._chunks.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    item = StreamBroken(ErrorClass.TRANSIENT, "the provider's stream stopped without an end")
             if isinstance(item, dict):
                 return self._present(item)
             if isinstance(item, StreamEnd):
@@ -116,6 +122,29 @@ class ChunkStream:
                     attempts=tuple(self._journey.attempts),
                     request_id=self._journey.request_id,
                 )
+
+    async def next_batch(self, limit: int = 64) -> list[dict[str, Any]]:
+        """The next chunk, and up to ``limit - 1`` more that are already here.
+
+        Blocks only for the first (as ``__anext__`` does, whose exceptions it raises);
+        the rest are taken without waiting, so a client that reads slower than the
+        provider writes gets chunks in batches, one write each. An ending found while
+        batching is kept for the next call.
+        """
+        batch = [await self.__anext__()]
+        while len(batch) < limit and not self._done:
+            if self._head:
+                batch.append(self._present(self._head.popleft()))
+                continue
+            try:
+                item = self._chunks.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if not isinstance(item, dict):
+                self._deferred = item
+                break
+            batch.append(self._present(item))
+        return batch
 
     def close(self) -> None:
         """Abandon the stream: cancel the upstream call (synchronous, never blocks)."""

@@ -367,3 +367,19 @@ async def test_http_a_client_leaving_mid_stream_closes_the_upstream_within_50ms(
         while mock_state["openai"].stats.disconnects == 0:
             await trio.sleep(0.001)
     assert trio.current_time() - left < 0.05
+
+
+async def test_chunks_already_here_come_in_one_batch_and_the_ending_is_kept(autojump_clock, gw):
+    async with gw.stream_chat_completion(REQUEST) as chunks:
+        await trio.sleep(1)  # the provider runs ahead: chunks wait in the actor's channel
+        batches = []
+        while True:
+            try:
+                batches.append(await chunks.next_batch())
+            except StopAsyncIteration:
+                break
+    assert len(batches[0]) > 1  # everything already delivered, in one batch
+    pieces = [chunk for batch in batches for chunk in batch]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in pieces if c["choices"])
+    assert text == REPLY
+    assert pieces[-1]["choices"] == [] and pieces[-1]["usage"]["completion_tokens"] == count_tokens(REPLY)
