@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from orchestrator import hosting
+from orchestrator.exceptiongroups import leaves
 
 from .app import create_app
 from .state import MockState
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except* OSError as group:
         # Binding failed (port in use, address not ours): say so, without a traceback.
-        reasons = "; ".join(str(error) for error in _leaves(group))
+        reasons = "; ".join(str(error) for error in leaves(group))
         raise SystemExit(
             f"mock-provider: cannot serve on {args.host}:{args.port}: {reasons}"
         ) from None
@@ -65,14 +66,6 @@ def _parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     return parser
-
-
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
 
 
 def _non_negative(text: str) -> float:

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator.config import Config, ConfigError
+from orchestrator.exceptiongroups import leaves
 from orchestrator.logs import configure
 
 __all__ = ["main"]
@@ -98,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     except* KeyboardInterrupt:
         pass
     except* OSError as group:
-        failures = _leaves(group)
+        failures = list(leaves(group))
     if failures:
         # Binding failed (port in use, address not ours): say so, without a traceback.
         reasons = "; ".join(sorted({str(error) for error in failures}))
@@ -112,9 +113,3 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
     return value
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]

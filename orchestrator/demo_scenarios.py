@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import httpx
 import trio
 
+from orchestrator.exceptiongroups import leaves
 from orchestrator.demo_session import (
     POLL_INTERVAL,
     SEED_CHAT,
@@ -80,18 +81,10 @@ async def run_scenario(session: Session, scenario: Scenario) -> ScenarioResult:
         checks = await scenario.play(session)
     except* httpx.HTTPError as group:  # from a nursery (the burst) it comes in a group
         checks = tuple(Check(False, "the servers answered", f"{type(error).__name__}: {error}")
-                       for error in _leaves(group))
+                       for error in leaves(group))
     result = ScenarioResult(scenario.number, scenario.title, checks)
     session.out.verdict(result)
     return result
-
-
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
 
 
 async def normal_success(s: Session) -> tuple[Check, ...]:

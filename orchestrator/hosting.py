@@ -56,6 +56,7 @@ __all__ = [
     "run",
     "serve",
     "serve_until_signalled",
+    "watch_signals",
 ]
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ async def serve_until_signalled(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         first_signal = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
+            nursery.start_soon(watch_signals, signals, first_signal, nursery.cancel_scope)
             await serve(
                 app,
                 shutdown_trigger=first_signal.wait,
@@ -259,9 +260,13 @@ def run(app: ASGIFramework, **serve_options: Any) -> None:
     trio.run(partial(serve_until_signalled, app, **serve_options))
 
 
-async def _watch_signals(
+async def watch_signals(
     signals: Any, first_signal: trio.Event, everything: trio.CancelScope
 ) -> None:
+    """Set ``first_signal`` on the first signal received; cancel ``everything`` on the second.
+
+    ``signals`` is a ``trio.open_signal_receiver``; returns after the second signal.
+    """
     async for signum in signals:
         if first_signal.is_set():
             log.warning("second %s: stopping now", signal.Signals(signum).name)

@@ -93,7 +93,7 @@ async def serve_with_mock(config: Config, *, host: str, port: int, mock_port: in
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, stopping, nursery.cancel_scope)
+            nursery.start_soon(hosting.watch_signals, signals, stopping, nursery.cancel_scope)
             mock = create_mock_app(MockState.create(seed=mock_seed))
             await nursery.start(
                 partial(hosting.serve, mock, host=host, port=mock_port, graceful_timeout=MOCK_GRACE,
@@ -101,16 +101,6 @@ async def serve_with_mock(config: Config, *, host: str, port: int, mock_port: in
             )
             await serve_gateway(config, host=host, port=port, shutdown_trigger=stopping.wait, handle_signals=False)
             nursery.cancel_scope.cancel()
-
-
-async def _watch_signals(signals: object, stopping: trio.Event, everything: trio.CancelScope) -> None:
-    async for signum in signals:  # type: ignore[attr-defined]
-        if stopping.is_set():
-            logger.warning("second %s: stopping now", signal.Signals(signum).name)
-            everything.cancel()
-            return
-        logger.info("%s: shutting down gracefully", signal.Signals(signum).name)
-        stopping.set()
 
 
 def run_gateway(

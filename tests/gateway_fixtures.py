@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import attrs
+import httpx
 import trio
 
 from mock_server.faults import FaultProfile, decide
@@ -37,6 +38,17 @@ def seed_giving(profile: dict[str, Any], outcomes: list[str | None], *, streamin
         if [fault.value if fault else None for fault in drawn] == outcomes:
             return seed
     raise AssertionError("no seed gives that sequence")
+
+
+async def wait_until_serving(client: httpx.AsyncClient, url: str, *, within: float = 10) -> None:
+    """Poll ``url``'s /health until a server answers (a process still starting refuses)."""
+    with trio.fail_after(within):
+        while True:
+            try:
+                await client.get(f"{url}/health")
+                return
+            except httpx.ConnectError:
+                await trio.sleep(0.05)
 
 
 async def start_gateway(nursery: trio.Nursery, config: Config, **options: Any) -> str:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from gateway_fixtures import SEED_BODY, demo_config, start_gateway
+from gateway_fixtures import SEED_BODY, demo_config, start_gateway, wait_until_serving
 from mock_server.faults import FaultProfile
 from orchestrator.server import serve_gateway
 
@@ -220,13 +220,7 @@ deployments = [{{ provider = "openai" }}]
     try:
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=10) as client:
-            with trio.fail_after(10):
-                while True:
-                    try:
-                        await client.get(f"{url}/health")
-                        break
-                    except httpx.ConnectError:
-                        await trio.sleep(0.05)
+            await wait_until_serving(client, url)
             statuses: list[int] = []
 
             async def one() -> None:
@@ -259,13 +253,7 @@ async def test_serve_with_mock_is_make_run_and_one_ctrl_c_stops_both():
     )
     try:
         async with httpx.AsyncClient(timeout=10) as client:
-            with trio.fail_after(10):
-                while True:
-                    try:
-                        await client.get(f"http://127.0.0.1:{port}/health")
-                        break
-                    except httpx.ConnectError:
-                        await trio.sleep(0.05)
+            await wait_until_serving(client, f"http://127.0.0.1:{port}")
             reset = await client.post(f"http://127.0.0.1:{mock_port}/config/failures", content=b"{}")
             assert reset.status_code == 200
             answer = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=SEED_BODY)
