@@ -45,7 +45,7 @@ bench: $(VENV)/.installed
 bench-peers: $(LITELLM) $(PYSPY)
 	@command -v wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
 
-# LiteLLM as ../shared/peers/litellm/README.md installs it: its own venv, pinned.
+# LiteLLM in its own venv, pinned: 1.108.7 is the newest whose [proxy] extra resolves.
 $(LITELLM):
 	$(PYTHON) -m venv $(PEERS)/litellm-venv
 	$(PEERS)/litellm-venv/bin/pip install --quiet 'litellm[proxy]==1.108.7'

@@ -8,8 +8,8 @@ mock answers at once) or ``mock-d50`` (the mock waits 50 ms first, through its
 - ``gateway-N``: ``orchestrator serve --workers N --log-level WARNING`` with one
   provider per endpoint (``bench_gateway_config``), defaults otherwise;
 - ``litellm``: the LiteLLM proxy 1.108.7 from ``.peers/litellm-venv`` (``make
-  bench-peers``), configured and started as ``../shared/peers/litellm/`` describes
-  (``LITELLM_CONFIG``, ``LITELLM_ENV``): one worker, no retries, no database.
+  bench-peers``), configured by ``LITELLM_CONFIG`` and ``LITELLM_ENV`` below: one
+  worker, no retries, no database.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ LITELLM_VERSION = "1.108.7"
 LITELLM_START_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
 
-#: ../shared/peers/litellm/litellm.env: no .env, quiet, no telemetry, no remote fetches.
+#: LiteLLM's environment: no .env, quiet, no telemetry, no remote fetches.
 LITELLM_ENV = {
     "LITELLM_MODE": "PRODUCTION",
     "LITELLM_LOG": "ERROR",
@@ -56,7 +56,7 @@ LITELLM_ENV = {
     "LITELLM_MASTER_KEY": LITELLM_KEY,
 }
 
-#: ../shared/peers/litellm/config.yaml with the mock's port filled in.
+#: LiteLLM's model list: the mock's two endpoints, with its port filled in.
 LITELLM_CONFIG = """\
 model_list:
   - model_name: mock
