@@ -296,7 +296,7 @@ def _worker_main(index: int, config: Config, listener: socket.socket, control: s
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         trio.run(partial(_serve_worker, config, listener, control))
-    except BaseException:
+    except (Exception, KeyboardInterrupt):  # trio.run has ended: no Cancelled can be here
         logger.exception("worker %d (pid %d) failed", index, os.getpid())
         return 1
     finally:

@@ -134,11 +134,12 @@ class Orchestrator:
         try:
             chat = self._validate(request, stream=True)
             self._accept(chat, journey)
+            opened = None
             try:
                 opened = await self._router.run(chat, journey)
-            except BaseException:
-                self._in_flight -= 1
-                raise
+            finally:
+                if opened is None:  # failed or cancelled: no stream holds the slot
+                    self._in_flight -= 1
         except GatewayError as error:
             self._log_failure(journey, error)
             raise

@@ -788,17 +788,19 @@ async def _start_server(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
     server = _Server(name, process, log_path, grace)
+    answering = False
     try:
         with trio.move_on_after(START_TIMEOUT):
             while server.alive:
                 if await _answers(control, f"{url}/health"):
+                    answering = True
                     return server
                 await trio.sleep(0.1)
         why = "exited" if not server.alive else f"did not answer within {START_TIMEOUT:g} s"
         raise SoakError(f"the {name} {why}; its log ({log_path}) ends:\n{server.log_tail()}")
-    except BaseException:
-        await server.stop()
-        raise
+    finally:
+        if not answering:  # failed or cancelled while starting: do not leave it running
+            await server.stop()
 
 
 async def _answers(control: httpx.AsyncClient, url: str) -> bool:

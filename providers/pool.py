@@ -143,11 +143,13 @@ class UpstreamClient(httpx.AsyncClient):
         response = await self._upstream.handle_async_request(request)
         response.request = request
         if not stream:
+            read = False
             try:
                 await response.aread()
-            except BaseException:
-                await response.aclose()
-                raise
+                read = True
+            finally:
+                if not read:  # failed or cancelled mid-body: the connection is not reusable
+                    await response.aclose()
         return response
 
 
@@ -175,6 +177,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         payload = _serialize(request, await request.aread())
         await self._slots.acquire()
         connection: _Connection | None = None
+        body: _Body | None = None
         try:
             connection = await self._connection(request)
             try:
@@ -183,11 +186,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise httpx.WriteError(f"connection lost while sending: {error}", request=request) from None
             status, reason, headers, http_version = await connection.read_head(request)
             body = _Body(self, connection, request, status, headers, http_version)
-        except BaseException:
-            if connection is not None:
-                connection.close()
-            self._slots.release()
-            raise
+        finally:
+            if body is None:  # failed or cancelled before a response: give everything back
+                if connection is not None:
+                    connection.close()
+                self._slots.release()
         return httpx.Response(
             status,
             headers=headers,
