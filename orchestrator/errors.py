@@ -5,6 +5,8 @@
     GatewayError                      status  type / code
     ├── InvalidRequest                400     invalid_request_error
     │   ├── BodyTooLarge              413     invalid_request_error / request_too_large
+    │   ├── BodyTimeout               408     invalid_request_error / request_timeout
+    │   ├── MethodNotAllowed          405     invalid_request_error / method_not_allowed
     │   └── ModelNotFound             404     invalid_request_error / model_not_found
     ├── AuthenticationError           401     authentication_error / invalid_api_key
     ├── UpstreamClientError           4xx     the provider's own error, passed through
@@ -30,10 +32,12 @@ __all__ = [
     "AllProvidersFailed",
     "Attempt",
     "AuthenticationError",
+    "BodyTimeout",
     "BodyTooLarge",
     "DeadlineExceeded",
     "GatewayError",
     "InvalidRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "RateLimited",
     "ServiceUnavailable",
@@ -101,6 +105,18 @@ class GatewayError(Exception):
     def should_retry(self) -> bool:
         return not self.attempts
 
+    def response_headers(self) -> dict[str, str]:
+        """The headers this error's HTTP response carries beside the request id."""
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(int(self.retry_after))
+        if not self.should_retry:
+            headers["x-should-retry"] = "false"
+        network = [attempt for attempt in self.attempts if attempt.number is not None]
+        headers["x-orchestrator-attempts"] = str(len(network))
+        headers["x-orchestrator-provider"] = network[-1].provider if network else "none"
+        return headers
+
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "error": {
@@ -127,6 +143,25 @@ class InvalidRequest(GatewayError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class BodyTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """The path exists, not for this method; ``allow`` lists the ones it takes (RFC 9110)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.allow = allow
+
+    def response_headers(self) -> dict[str, str]:
+        return {**super().response_headers(), "allow": self.allow}
 
 
 class ModelNotFound(InvalidRequest):

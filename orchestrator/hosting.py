@@ -25,6 +25,11 @@ What it adds to ``hypercorn.trio.serve``:
 - Every HTTP request scope carries an abort function under ``ABORT_EXTENSION`` in
   ``scope["extensions"]``: awaiting it resets the TCP connection (the peer sees a
   connection reset, not a response). The mock provider's ``reset`` fault uses it.
+- And a function under ``DISCONNECT_EXTENSION`` that takes a ``trio.CancelScope``
+  and cancels it if the client disconnects before its response has been sent:
+  prompt cancellation for a handler without a task parked on ``receive()`` for
+  ``http.disconnect`` (a task costs its spawn, its wake-up and its exit, on every
+  request).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 __all__ = [
     "ABORT_EXTENSION",
+    "DISCONNECT_EXTENSION",
     "ShieldedHTTPConnection",
     "bind_sockets",
     "hypercorn_config",
@@ -63,6 +69,9 @@ log = logging.getLogger(__name__)
 
 #: Key in ``scope["extensions"]`` of an async function that resets the connection.
 ABORT_EXTENSION = "orchestrator.hosting.abort"
+
+#: Key in ``scope["extensions"]`` of a function that cancels a scope on disconnect.
+DISCONNECT_EXTENSION = "orchestrator.hosting.cancel_on_disconnect"
 
 #: SO_LINGER on, with a zero timeout: close() sends RST instead of FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -279,14 +288,18 @@ async def watch_signals(
 class _HypercornApp:
     """An ASGI 3 app in hypercorn's calling convention (what ``wrap_app`` builds).
 
-    Given ``abort``, it is also put in every HTTP scope under ``ABORT_EXTENSION``.
+    Given the ``connection`` it serves, every HTTP scope also carries its ``abort`` and
+    ``cancel_on_disconnect`` under ``ABORT_EXTENSION`` and ``DISCONNECT_EXTENSION``.
     """
 
-    def __init__(
-        self, app: ASGIFramework, abort: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
+    def __init__(self, app: ASGIFramework, connection: _Connection | None = None) -> None:
         self.app = app
-        self.abort = abort
+        self.extensions: dict[str, Any] = {}
+        if connection is not None:
+            self.extensions = {
+                ABORT_EXTENSION: connection.abort,
+                DISCONNECT_EXTENSION: connection.cancel_on_disconnect,
+            }
 
     async def __call__(
         self,
@@ -296,14 +309,15 @@ class _HypercornApp:
         sync_spawn: Callable[..., Any],
         call_soon: Callable[..., Any],
     ) -> None:
-        if self.abort is not None and scope["type"] == "http":
-            scope["extensions"][ABORT_EXTENSION] = self.abort
+        if scope["type"] == "http":
+            scope["extensions"].update(self.extensions)
         await self.app(scope, receive, send)
 
 
 class _Connection(TCPServer):
-    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` in HTTP scopes, and
-    a read loop that ends when the connection does.
+    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` and
+    ``DISCONNECT_EXTENSION`` in HTTP scopes, and a read loop that ends when the
+    connection does.
 
     When a client sends its next request before the current one is answered (wrk does,
     any pipelining client does), h11 pauses and hypercorn's read loop waits inside the
@@ -328,13 +342,27 @@ class _Connection(TCPServer):
         state: dict[str, Any],
         stream: trio.SocketStream,
     ) -> None:
-        super().__init__(_HypercornApp(app, self.abort), config, context, state, stream)
+        super().__init__(_HypercornApp(app, self), config, context, state, stream)
         self._reading = trio.CancelScope()
         self._held_head = b""
+        self._on_disconnect: trio.CancelScope | None = None
+
+    def cancel_on_disconnect(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` if the client goes away before the current response is sent.
+
+        One scope per connection: HTTP/1.1 serves one request at a time, and a scope
+        from a finished request is replaced by the next one's (cancelling a scope
+        that has been exited does nothing).
+        """
+        self._on_disconnect = scope
 
     async def _read_data(self) -> None:
         with self._reading:
             await super()._read_data()
+        # The client closed or reset the connection (or we closed it, when this does
+        # nothing). hypercorn has just told the app ``http.disconnect``.
+        if self._on_disconnect is not None:
+            self._on_disconnect.cancel()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):

@@ -133,6 +133,11 @@ def test_a_405_says_which_methods_are_allowed(gateway_url: str) -> None:
     response = httpx.delete(f"{gateway_url}/health")
     assert response.status_code == 405
     assert response.headers.get("allow") in ("GET, HEAD", "HEAD, GET")
+    # The chat-completions handler sits in front of quart: the same answer, from it.
+    response = httpx.get(f"{gateway_url}/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.headers.get("allow") == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_a_number_for_modalities_does_not_stop_the_gateway() -> None:
