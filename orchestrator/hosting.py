@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -47,10 +49,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import repr_socket_addr
+from wsgiref.handlers import format_date_time
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 __all__ = [
@@ -117,7 +120,7 @@ def hypercorn_config(
     log is off (it costs a line per request), and hypercorn's own errors go to the
     ``hypercorn.error`` logger so that the caller's logging configuration applies.
     """
-    config = Config()
+    config = _Config()
     bind_host = f"[{host}]" if ":" in host else host
     config.bind = [f"{bind_host}:{port}"]
     config.graceful_timeout = graceful_timeout
@@ -128,7 +131,28 @@ def hypercorn_config(
     config.h11_max_incomplete_size = max_header_bytes
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False  # no need to tell every client what serves it
     return config
+
+
+class _Config(Config):
+    """hypercorn's ``Config``, whose ``Date`` and ``Server`` response headers are
+    formatted once a second instead of on every response (hypercorn formats the date
+    with ``wsgiref`` per response: about 1% of a small request's cost)."""
+
+    _headers_second = -1
+    _headers: dict[str, list[tuple[bytes, bytes]]]
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        now = time.time()
+        second = int(now)
+        if second != self._headers_second:
+            self._headers = {}
+            self._headers_second = second
+        headers = self._headers.get(protocol)
+        if headers is None:
+            headers = self._headers[protocol] = super().response_headers(protocol)
+        return list(headers)  # hypercorn appends to what it gets
 
 
 def bind_sockets(host: str, port: int, *, count: int = 1) -> list[socket.socket]:
@@ -210,8 +234,9 @@ async def serve(
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
             urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
         try:
+            connections: set[_Connection] = set()
             async with trio.open_nursery() as connection_nursery:
-                handler = partial(_Connection, app, config, context, lifespan_state)
+                handler = partial(_Connection, app, config, context, lifespan_state, connections)
                 async with trio.open_nursery() as accept_nursery:
                     accept_nursery.start_soon(
                         partial(
@@ -226,9 +251,11 @@ async def serve(
                     await (shutdown_trigger or trio.sleep_forever)()
                     accept_nursery.cancel_scope.cancel()
                 log.info("shutting down %s", ", ".join(urls))
-                # Idle keep-alive connections watch this event and close themselves;
-                # busy ones see it when their response ends and do not recycle.
+                # Idle keep-alive connections close now; busy ones see the event when
+                # their response ends and do not recycle.
                 await context.terminated.set()
+                for connection in list(connections):
+                    connection.close_if_idle()
                 connection_nursery.cancel_scope.deadline = trio.current_time() + graceful_timeout
         finally:
             # serve_listeners closes them as it is cancelled; this covers being
@@ -327,6 +354,10 @@ class _Connection(TCPServer):
     it, so a graceful shutdown under keep-alive load took the whole grace period. Here
     the read loop runs in a cancel scope that closing the connection cancels.
 
+    Idle connections are closed by a deadline on the pending read (see ``_KeepAlive``),
+    not by a task of their own; at shutdown ``serve`` closes the idle ones through
+    ``close_if_idle``.
+
     Writes are also fewer: hypercorn hands over a response's head, each body piece and
     an empty end-of-message as separate writes, each behind a lock, a shielded scope and
     a socket call. Empty writes are dropped, and a final response's head is held until
@@ -340,12 +371,47 @@ class _Connection(TCPServer):
         config: Config,
         context: WorkerContext,
         state: dict[str, Any],
+        registry: set[_Connection],
         stream: trio.SocketStream,
     ) -> None:
         super().__init__(_HypercornApp(app, self), config, context, state, stream)
+        self.idle_task = _KeepAlive(self)
+        self._registry = registry
         self._reading = trio.CancelScope()
         self._held_head = b""
         self._on_disconnect: trio.CancelScope | None = None
+        self._idle_deadline = math.inf
+        self._waiting: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        self._registry.add(self)
+        try:
+            await super().run()
+        finally:
+            self._registry.discard(self)
+
+    def idle_from_now(self) -> None:
+        """No request in progress: close after ``keep_alive_timeout`` without one, or now
+        if the server is shutting down."""
+        if self.context.terminated.is_set():
+            self._set_idle_deadline(-math.inf)
+        else:
+            self._set_idle_deadline(trio.current_time() + self.config.keep_alive_timeout)
+
+    def busy(self) -> None:
+        """A request is in progress: no idle deadline until it ends."""
+        self._set_idle_deadline(math.inf)
+
+    def close_if_idle(self) -> None:
+        """At shutdown: an idle connection closes now (a busy one will once its response
+        ends, since hypercorn does not start another cycle once shutdown has begun)."""
+        if self._idle_deadline != math.inf:
+            self._set_idle_deadline(-math.inf)
+
+    def _set_idle_deadline(self, deadline: float) -> None:
+        self._idle_deadline = deadline
+        if self._waiting is not None:
+            self._waiting.deadline = deadline
 
     def cancel_on_disconnect(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` if the client goes away before the current response is sent.
@@ -357,8 +423,23 @@ class _Connection(TCPServer):
         self._on_disconnect = scope
 
     async def _read_data(self) -> None:
+        # hypercorn's loop, with the keep-alive deadline on each read instead of its
+        # ``fail_after(read_timeout)`` (``hypercorn_config`` sets no read timeout).
         with self._reading:
-            await super()._read_data()
+            while True:
+                waiting = self._waiting = trio.CancelScope(deadline=self._idle_deadline)
+                with waiting:
+                    try:
+                        data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                self._waiting = None
+                if waiting.cancelled_caught:
+                    break  # idle for keep_alive_timeout, or idle at shutdown: close
+                await self.protocol.handle(RawData(data))
+                if not data:
+                    break
+            await self.protocol.handle(Closed())
         # The client closed or reset the connection (or we closed it, when this does
         # nothing). hypercorn has just told the app ``http.disconnect``.
         if self._on_disconnect is not None:
@@ -394,6 +475,27 @@ class _Connection(TCPServer):
         with contextlib.suppress(OSError):  # Already gone: closing is all that is left.
             transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         await transport.aclose()
+
+
+class _KeepAlive:
+    """Stands in for hypercorn's idle task (a ``TrioSingleTask``) on a :class:`_Connection`.
+
+    hypercorn stops its idle task when a request starts and starts a new one, through
+    ``nursery.start``, when the response ends: a task spawned and reaped per request,
+    and one more task per idle connection. Here ``restart`` and ``stop`` only move the
+    deadline of the connection's pending read (see ``_Connection._read_data``).
+    """
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    async def restart(self, task_group: object, action: object) -> None:
+        """The connection is idle from now on (hypercorn's own timer, ``action``, is not used)."""
+        self._connection.idle_from_now()
+
+    async def stop(self) -> None:
+        """A request is in progress."""
+        self._connection.busy()
 
 
 def _is_final_response_head(data: bytes) -> bool:

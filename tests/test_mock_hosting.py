@@ -65,6 +65,25 @@ async def test_idle_keep_alive_connections_are_closed(nursery):
     await stream.aclose()
 
 
+async def test_the_keep_alive_timeout_never_cuts_a_request_in_progress(nursery):
+    app, entered, release = gated_app()
+    [url] = await nursery.start(partial(serve, app, keep_alive_timeout=0.2))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await entered.wait()
+    await trio.sleep(0.5)  # busy for longer than the keep-alive timeout
+    release.set()
+    with trio.fail_after(5):
+        answer = await stream.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done")
+    # Idle again: the same connection takes the next request within the timeout.
+    await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(5):
+        answer = await stream.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    await stream.aclose()
+
+
 async def test_an_early_413_closes_the_connection(nursery):
     app = create_app()
     app.config["MAX_CONTENT_LENGTH"] = 1024
