@@ -23,6 +23,7 @@ __all__ = [
     "StreamDecoder",
     "UnsupportedRequest",
     "UpstreamRequest",
+    "dump_json",
     "load_json_object",
 ]
 
@@ -100,6 +101,16 @@ class Adapter(Protocol):
 
     def stream_decoder(self, body: dict[str, Any] | None = None) -> StreamDecoder:
         """A decoder for the stream answering ``body``."""
+
+
+def dump_json(value: Any) -> bytes:
+    """``orjson.dumps(value)``, in an allocation of its own size.
+
+    orjson returns its whole output buffer, 4 KiB at least, however short the text;
+    an upstream request body lives as long as its call, so with hundreds in flight
+    the copy saves about 4 KiB a request (measured with tracemalloc).
+    """
+    return memoryview(orjson.dumps(value)).tobytes()
 
 
 def load_json_object(payload: bytes | str, what: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from providers.adapter import (
     ProviderStreamError,
     UnsupportedRequest,
     UpstreamRequest,
+    dump_json,
     load_json_object,
 )
 from providers.sse import ServerSentEvent
@@ -119,7 +120,7 @@ class AnthropicAdapter:
         self._default_max_tokens = config.default_max_tokens
 
     def request(self, body: dict[str, Any], *, stream: bool) -> UpstreamRequest:
-        content = orjson.dumps(_messages_request(body, stream=stream, default_max_tokens=self._default_max_tokens))
+        content = dump_json(_messages_request(body, stream=stream, default_max_tokens=self._default_max_tokens))
         return UpstreamRequest(self._url, self._stream_headers if stream else self._headers, content)
 
     def completion(self, payload: bytes, body: Mapping[str, Any] | None = None) -> dict[str, Any]:

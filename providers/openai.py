@@ -19,6 +19,7 @@ from providers.adapter import (
     ProviderError,
     ProviderStreamError,
     UpstreamRequest,
+    dump_json,
     load_json_object,
 )
 from providers.sse import ServerSentEvent
@@ -39,8 +40,8 @@ class OpenAIAdapter:
     def request(self, body: dict[str, Any], *, stream: bool) -> UpstreamRequest:
         if stream:
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            return UpstreamRequest(self._url, self._stream_headers, orjson.dumps(body))
-        return UpstreamRequest(self._url, self._headers, orjson.dumps(body))
+            return UpstreamRequest(self._url, self._stream_headers, dump_json(body))
+        return UpstreamRequest(self._url, self._headers, dump_json(body))
 
     def completion(self, payload: bytes, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = load_json_object(payload, "the completion")
