@@ -55,6 +55,7 @@ from orchestrator.messages import (
     Failed,
     Outcome,
     Refused,
+    Reply,
     RefusalReason,
     StreamOpened,
 )
@@ -261,34 +262,33 @@ class Router:
         """One message to one actor, and its reply. Cancels the call unless it opened a stream."""
         actor = self._actors[provider]
         scope = trio.CancelScope()
-        reply_send, reply_receive = trio.open_memory_channel[Outcome](1)
-        call = Call(journey.request_id, body, stream, journey.deadline, scope, reply_send)
+        reply: Reply[Outcome] = Reply()
+        call = Call(journey.request_id, body, stream, journey.deadline, scope, reply)
         keep_scope = False
         try:
-            with reply_receive:
+            try:
+                if not actor.submit(call):
+                    return Refused(RefusalReason.SATURATED), scope
+            except ActorStopped as error:
+                raise ServiceUnavailable(
+                    str(error), retry_after=DEFAULT_RETRY_AFTER, request_id=journey.request_id
+                ) from None
+            outcome: Outcome | None = None
+            with trio.move_on_at(journey.deadline + REPLY_GRACE):
                 try:
-                    if not actor.submit(call):
-                        reply_send.close()
-                        return Refused(RefusalReason.SATURATED), scope
-                except ActorStopped as error:
+                    outcome = await reply.receive()
+                except trio.EndOfChannel:
                     raise ServiceUnavailable(
-                        str(error), retry_after=DEFAULT_RETRY_AFTER, request_id=journey.request_id
+                        f"the actor for provider {provider!r} stopped",
+                        retry_after=DEFAULT_RETRY_AFTER,
+                        request_id=journey.request_id,
                     ) from None
-                outcome: Outcome | None = None
-                with trio.move_on_at(journey.deadline + REPLY_GRACE):
-                    try:
-                        outcome = await reply_receive.receive()
-                    except trio.EndOfChannel:
-                        raise ServiceUnavailable(
-                            f"the actor for provider {provider!r} stopped",
-                            retry_after=DEFAULT_RETRY_AFTER,
-                            request_id=journey.request_id,
-                        ) from None
-                if outcome is None:
-                    raise self._deadline_error(journey)
-                keep_scope = isinstance(outcome, StreamOpened)
-                return outcome, scope
+            if outcome is None:
+                raise self._deadline_error(journey)
+            keep_scope = isinstance(outcome, StreamOpened)
+            return outcome, scope
         finally:
+            reply.abandon()  # a reply arriving after this is the actor's to clean up
             if not keep_scope:
                 scope.cancel()
 

@@ -50,6 +50,7 @@ from orchestrator.messages import (
     ProviderSnapshot,
     RefusalReason,
     Refused,
+    Reply,
     ResetRequest,
     SnapshotRequest,
     StreamBroken,
@@ -132,16 +133,17 @@ class ActorHandle:
         return await self._ask(lambda reply: ResetRequest(reply, reason))
 
     async def _ask(self, message: Any) -> ProviderSnapshot:
-        reply_send, reply_receive = trio.open_memory_channel[ProviderSnapshot](1)
+        reply: Reply[ProviderSnapshot] = Reply()
         try:
-            await self._inbox.send(message(reply_send))
+            await self._inbox.send(message(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorStopped(f"the actor for provider {self.name!r} is not running") from None
-        with reply_receive:
-            try:
-                return await reply_receive.receive()
-            except trio.EndOfChannel:
-                raise ActorStopped(f"the actor for provider {self.name!r} stopped") from None
+        try:
+            return await reply.receive()
+        except trio.EndOfChannel:
+            raise ActorStopped(f"the actor for provider {self.name!r} stopped") from None
+        finally:
+            reply.abandon()
 
 
 class ProviderActor:

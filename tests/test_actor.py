@@ -21,6 +21,7 @@ from orchestrator.messages import (
     ErrorClass,
     Failed,
     Refused,
+    Reply,
     RefusalReason,
     StreamEnd,
     StreamOpened,
@@ -42,16 +43,18 @@ async def start(nursery, transport, name: str = "openai"):
 
 
 def call(*, stream: bool = False, deadline: float = 1e9, body: dict[str, Any] = BODY):
-    reply_send, reply_receive = trio.open_memory_channel(1)
+    reply = Reply()
     scope = trio.CancelScope()
-    return Call("req_test", dict(body), stream, trio.current_time() + deadline, scope, reply_send), reply_receive
+    return Call("req_test", dict(body), stream, trio.current_time() + deadline, scope, reply), reply
 
 
 async def ask(actor, **kwargs):
     message, reply = call(**kwargs)
     assert actor.submit(message)
-    async with reply:
+    try:
         return await reply.receive(), message.scope
+    finally:
+        reply.abandon()
 
 
 async def test_five_server_errors_open_the_circuit_and_the_sixth_never_arrives(
@@ -160,9 +163,8 @@ async def test_cancelling_the_requester_stops_the_call_and_counts_nothing(
     message.scope.cancel()
     await trio.testing.wait_all_tasks_blocked()
     assert mock_state["openai"].stats.disconnects == 1
-    async with reply:
-        with pytest.raises(trio.EndOfChannel):  # abandoned: no reply, and no hang
-            await reply.receive()
+    with pytest.raises(trio.EndOfChannel):  # abandoned: no reply, and no hang
+        await reply.receive()
     snapshot = await actor.snapshot()
     assert snapshot.in_flight == 0 and snapshot.consecutive_failures == 0
     assert snapshot.totals == {"cancelled": 1}
@@ -221,3 +223,57 @@ async def test_a_stopped_actor_fails_callers_at_once(autojump_clock, transport):
         actor.submit(call()[0])
     with pytest.raises(ActorStopped):
         await actor.snapshot()
+
+
+# -- the one-shot reply ---------------------------------------------------------------
+
+
+async def test_a_reply_wakes_its_waiter_with_the_value(autojump_clock, nursery):
+    reply: Reply[str] = Reply()
+    got = []
+
+    async def wait() -> None:
+        got.append(await reply.receive())
+
+    nursery.start_soon(wait)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == []
+    with reply:
+        reply.send_nowait("answer")
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["answer"]
+    with pytest.raises(trio.ClosedResourceError):
+        reply.send_nowait("twice")
+
+
+async def test_a_reply_closed_without_a_value_ends_the_wait(autojump_clock, nursery):
+    reply: Reply[str] = Reply()
+    ended = []
+
+    async def wait() -> None:
+        with pytest.raises(trio.EndOfChannel):
+            await reply.receive()
+        ended.append(True)
+
+    nursery.start_soon(wait)
+    await trio.testing.wait_all_tasks_blocked()
+    reply.close()
+    await trio.testing.wait_all_tasks_blocked()
+    assert ended == [True]
+    with pytest.raises(trio.EndOfChannel):
+        await reply.receive()  # and so does a later receive
+
+
+async def test_a_cancelled_receive_leaves_the_reply_usable(autojump_clock):
+    reply: Reply[str] = Reply()
+    with trio.move_on_after(1):
+        await reply.receive()
+    reply.send_nowait("late")
+    assert await reply.receive() == "late"
+
+
+async def test_an_abandoned_reply_refuses_a_late_value(autojump_clock):
+    reply: Reply[str] = Reply()
+    reply.abandon()
+    with pytest.raises(trio.BrokenResourceError):
+        reply.send_nowait("nobody listens")
