@@ -238,7 +238,8 @@ def _sse(data: Any) -> bytes:
 
 
 def _start(status: int, content_type: bytes, headers: dict[str, str], *, length: int | None = None) -> Message:
-    raw = [(b"content-type", content_type), *((name.encode(), value.encode()) for name, value in headers.items())]
+    raw = [(b"content-type", content_type)]
+    raw += [(name.encode(), value.encode()) for name, value in headers.items()]
     if length is not None:
         raw.append((b"content-length", b"%d" % length))
     return {"type": "http.response.start", "status": status, "headers": raw}
