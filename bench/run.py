@@ -92,14 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         mock = start_mock(workdir)
         try:
             for name in args.targets:
-                target = _start(name, workdir, mock)
-                if target is None:
-                    continue
-                try:
-                    cells += _measure_target(target, mock, client, args, workdir)
-                finally:
-                    if target is not mock:
-                        target.server.stop()
+                cells += _measure_target(name, mock, client, args, workdir)
         finally:
             mock.server.stop()
 
@@ -133,35 +126,69 @@ def _start(name: str, workdir: Path, mock: Target) -> Target | None:
     return start_gateway(workdir, mock.url, workers=int(name.split("-")[1]))
 
 
-def _measure_target(target: Target, mock: Target, client: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
-    pids = target.server.pids()
+def _measure_target(name: str, mock: Target, client: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
+    """Every cell of one target, started here (the mock excepted) and stopped after.
+
+    Memory growth is counted from the target's RSS when warm (every code path of the
+    first cell has run, pools exist) and idle (nothing in flight). A gateway is
+    restarted before each cell at the run's highest concurrency: RSS never shrinks
+    back, so on a process that had already served another crowded cell, the growth
+    would mix that cell's high-water mark with this one's.
+    """
+    target = _start(name, workdir, mock)
+    if target is None:
+        return []
+    crowded = max(args.concurrency)
+    fresh_for_memory = name.startswith("gateway") and crowded > 1
     cells: list[Cell] = []
-    for latency in args.latency_ms:
-        for mode in args.modes:
-            for connections in args.concurrency:
-                load = Load(target.path(latency), workdir / f"body-{latency}-{mode}.json", mode == "stream",
-                            connections, args.duration, target.auth)
-                for attempt in range(1, args.retries + 2):
-                    _wait_for_quiet([*pids, mock.server.pid], args.quiet_wait)
-                    if args.warmup:
-                        run_load(client, dataclasses.replace(load, duration=args.warmup))
-                    cell = _measure_cell(target, mock, client, load, pids, latency, mode)
-                    cell.attempts = attempt
-                    if attempt > args.retries or not any(reason.startswith("noisy") for reason in cell.refused):
-                        break
-                    _progress(f"  {cell.refused[-1]}: measuring again")
-                cells.append(cell)
-                refused = f"  [refused: {'; '.join(cell.refused)}]" if cell.refused else ""
-                _progress(f"{target.name:>9} {latency:>2} ms {mode:<6} {connections:>3} conns: {cell.rps:7.0f} req/s"
-                          f"  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {sum(cell.errors.values())}"
-                          f"{refused}")
-                if len(cells) == 1:
-                    # Memory growth is counted from here: warm (every code path of the
-                    # first cell has run, pools exist) and idle (nothing in flight).
-                    idle = sum(rss_bytes(pid) for pid in pids) / MIB
-    for cell in cells:
-        cell.rss_idle_mib = round(idle, 1)
+    idle: float | None = None
+    try:
+        for latency in args.latency_ms:
+            for mode in args.modes:
+                body = workdir / f"body-{latency}-{mode}.json"
+                for connections in args.concurrency:
+                    if fresh_for_memory and connections == crowded and cells:
+                        target.server.stop()
+                        target = _start(name, workdir, mock)
+                        assert target is not None
+                        warm = Load(target.path(latency), body, mode == "stream", 1, max(args.warmup, 1.0),
+                                    target.auth)
+                        run_load(client, warm)
+                        idle = None
+                    if idle is None and cells:
+                        idle = sum(rss_bytes(pid) for pid in target.server.pids()) / MIB
+                    cell = _measure_load(target, mock, client, args, body, latency, mode, connections)
+                    cells.append(cell)
+                    if idle is None:  # the target's first cell has just warmed it up
+                        idle = sum(rss_bytes(pid) for pid in target.server.pids()) / MIB
+                    cell.rss_idle_mib = round(idle, 1)
+    finally:
+        if target is not mock:
+            target.server.stop()
     return cells
+
+
+def _measure_load(
+    target: Target, mock: Target, client: str, args: argparse.Namespace, body: Path, latency: int, mode: str,
+    connections: int,
+) -> Cell:
+    """One cell, measured again (up to ``--retries`` times) while the machine is noisy."""
+    pids = target.server.pids()
+    load = Load(target.path(latency), body, mode == "stream", connections, args.duration, target.auth)
+    for attempt in range(1, args.retries + 2):
+        _wait_for_quiet([*pids, mock.server.pid], args.quiet_wait)
+        if args.warmup:
+            run_load(client, dataclasses.replace(load, duration=args.warmup))
+        cell = _measure_cell(target, mock, client, load, pids, latency, mode)
+        cell.attempts = attempt
+        if attempt > args.retries or not any(reason.startswith("noisy") for reason in cell.refused):
+            break
+        _progress(f"  {cell.refused[-1]}: measuring again")
+    refused = f"  [refused: {'; '.join(cell.refused)}]" if cell.refused else ""
+    _progress(f"{target.name:>9} {latency:>2} ms {mode:<6} {connections:>3} conns: {cell.rps:7.0f} req/s"
+              f"  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {sum(cell.errors.values())}"
+              f"{refused}")
+    return cell
 
 
 def _wait_for_quiet(ours: list[int], patience: float) -> None:
@@ -215,7 +242,7 @@ def _measure_cell(
         p99_ms=result.p99_ms,
         errors=result.errors,
         processes=processes,
-        rss_idle_mib=0.0,  # set once the target's first cell has warmed it up
+        rss_idle_mib=0.0,  # set by _measure_target: the process's warm, idle RSS
         rss_peak_mib=round(memory.peak / MIB, 1),
         mock_cpu=used[mock.server.pid] / wall,
         client_cpu=result.client_cpu / wall,
