@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
 from functools import partial
 
 import httpx
@@ -49,6 +51,17 @@ async def test_port_zero_reports_the_bound_url(nursery):
     assert port > 0
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{url}/health")).json() == {"status": "healthy"}
+
+
+async def test_responses_carry_a_current_date_and_do_not_name_the_server(nursery):
+    [url] = await nursery.start(partial(serve, create_app()))
+    async with httpx.AsyncClient() as client:
+        first = await client.get(f"{url}/health")
+        second = await client.get(f"{url}/health")
+    for response in (first, second):
+        sent = email.utils.parsedate_to_datetime(response.headers["date"])
+        assert abs(sent.timestamp() - time.time()) < 5
+        assert "server" not in response.headers
 
 
 async def test_idle_keep_alive_connections_are_closed(nursery):
