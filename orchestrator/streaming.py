@@ -65,6 +65,9 @@ class ChunkStream:
         self._prefix_chunks = 0
         self._tool_calls_seen = False
         self._done = False
+        #: The upstream call ended cleanly: it is finishing by itself (reading the rest
+        #: of its body so that its connection can be reused) and must not be cancelled.
+        self._finished_upstream = False
         #: An ending (StreamEnd or StreamBroken) that ``next_batch`` took but did not handle.
         self._deferred: StreamItem | None = None
 
@@ -103,6 +106,7 @@ class ChunkStream:
                 return self._present(item)
             if isinstance(item, StreamEnd):
                 self._done = True
+                self._finished_upstream = True
                 self.finish_reason = item.finish_reason
                 self.usage = self._usage(item.usage)
                 if self._request.include_usage and self.usage is not None:
@@ -147,9 +151,11 @@ class ChunkStream:
         return batch
 
     def close(self) -> None:
-        """Abandon the stream: cancel the upstream call (synchronous, never blocks)."""
+        """Abandon the stream: cancel the upstream call unless it has ended cleanly
+        (synchronous, never blocks)."""
         self._done = True
-        self._scope.cancel()
+        if not self._finished_upstream:
+            self._scope.cancel()
         self._chunks.close()
 
     # -- presentation ---------------------------------------------------------------

@@ -80,6 +80,11 @@ logger = logging.getLogger("orchestrator.provider")
 STREAM_BUFFER = 16
 #: Largest error body read from a provider before it is classified.
 MAX_ERROR_BODY = 64 * 1024
+#: After a stream's last event, how long the rest of its body (the chunked encoding's
+#: terminator, as a rule) may take to arrive so that the connection can be kept.
+DRAIN_SECONDS = 0.1
+#: ... and how many bytes of it are read before the connection is given up instead.
+DRAIN_BYTES = 16 * 1024
 
 _SUCCESS = "ok"
 
@@ -345,7 +350,12 @@ class ProviderActor:
             if response.status_code != 200:
                 return _reply(call, await self._stream_failure(response, started, deadline, own))
             reader = _StreamReader(response, self._adapter.stream_decoder(call.body))
-            return await self._relay(call, reader, started)
+            verdict = await self._relay(call, reader, started)
+            if verdict == _SUCCESS:
+                # The answer is complete and relayed; reading the body to its end lets
+                # the connection go back to the pool instead of being closed.
+                await reader.drain(min(trio.current_time() + DRAIN_SECONDS, call.deadline), DRAIN_BYTES)
+            return verdict
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
@@ -534,6 +544,21 @@ class _StreamReader:
             silence = _silence(own_timeout, "no stream data", 0.0)
             return StreamBroken(silence.error_class, silence.message)
         return self._ready.pop(0)
+
+    async def drain(self, deadline: float, limit: int) -> None:
+        """Read what is left of the body, up to ``limit`` bytes, until ``deadline``.
+
+        Returns early (leaving the rest unread) past either bound or on any transport
+        error: the caller then closes the response, and with it the connection.
+        """
+        with trio.move_on_at(deadline):
+            try:
+                async for data in self._bytes:
+                    limit -= len(data)
+                    if limit < 0:
+                        return
+            except httpx.TransportError:
+                return
 
 
 def _finished(decoder: StreamDecoder) -> bool:

@@ -26,7 +26,8 @@ from orchestrator.messages import (
     StreamEnd,
     StreamOpened,
 )
-from providers.actor import ActorStopped, ProviderActor
+from providers.actor import DRAIN_SECONDS, ActorStopped, ProviderActor
+from rawserver import serving
 
 BODY = {"model": "gpt-4", "messages": [{"role": "user", "content": "hello there"}]}
 CONFIG = Config.default()
@@ -277,3 +278,48 @@ async def test_an_abandoned_reply_refuses_a_late_value(autojump_clock):
     reply.abandon()
     with pytest.raises(trio.BrokenResourceError):
         reply.send_nowait("nobody listens")
+
+
+# -- a finished stream's connection goes back to the pool ------------------------------
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n"
+
+
+def sse_chunk(data: bytes) -> bytes:
+    event = b"data: " + data + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+ANSWER = sse_chunk(
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}'
+) + sse_chunk(b"[DONE]")
+
+
+async def stream_through(actor) -> list[Any]:
+    opened, _ = await ask(actor, stream=True)
+    assert isinstance(opened, StreamOpened)
+    return [item async for item in opened.chunks]
+
+
+@pytest.mark.parametrize(("terminated", "connections"), [(True, 1), (False, 2)],
+                         ids=["body ends after [DONE]", "body never ends"])
+async def test_a_finished_streams_connection_is_kept_only_if_its_body_ends(nursery, terminated, connections):
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(SSE_HEAD + ANSWER + (b"0\r\n\r\n" if terminated else b""))
+
+    async with serving(answer) as server:
+        provider = Config.from_mapping({
+            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1"}},
+            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
+        }).provider("openai")
+        actor = await nursery.start(ProviderActor(provider).run)
+        for _ in range(2):
+            started = trio.current_time()
+            items = await stream_through(actor)
+            # The requester has the whole answer either way, without waiting for the drain.
+            assert isinstance(items[-1], StreamEnd)
+            assert trio.current_time() - started < DRAIN_SECONDS
+        assert server.connections == connections
+        await trio.sleep(DRAIN_SECONDS * 2)  # a drain that waits in vain gives up, and settles
+        assert (await actor.snapshot()).totals == {"ok": 2}
