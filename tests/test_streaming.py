@@ -24,6 +24,7 @@ from mock_server.faults import FaultProfile
 from orchestrator.config import Config
 from orchestrator.errors import AllProvidersFailed, StreamInterrupted
 from orchestrator.service import open_orchestrator
+import providers.actor
 
 PROMPT = "tell me a story"
 REPLY = reply_for(PROMPT)
@@ -235,6 +236,21 @@ async def test_an_idle_stall_after_commit_fires_at_the_exact_instant(autojump_cl
         await trio.testing.wait_all_tasks_blocked()
         assert mock_state["openai"].stats.disconnects == 1
         await assert_healthy(gw)
+
+
+async def test_a_requester_slower_than_the_provider_is_no_silence(autojump_clock, gw, mock_state, monkeypatch):
+    monkeypatch.setattr(providers.actor, "STREAM_BUFFER", 1)  # the provider runs ahead at once
+    chunks = []
+    async with gw.stream_chat_completion(REQUEST) as stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) <= 2:
+                await trio.sleep(IDLE + 1)  # the actor waits on its full channel past the idle timeout
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == REPLY
+    assert stream.continuations == 0 and mock_state["anthropic"].stats.requests == 0
+    assert mock_state["openai"].stats.requests == 1 and mock_state["openai"].stats.disconnects == 0
+    await assert_healthy(gw)
 
 
 async def test_a_stall_after_commit_is_continued_where_possible(autojump_clock, gw, mock_state):
