@@ -45,9 +45,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cell", "TargetCheck", "check_targets", "compare", "notes", "refusals", "table"]
+__all__ = ["CROWDED", "Cell", "TargetCheck", "check_targets", "compare", "notes", "refusals", "table"]
 
 MAX_ERROR_RATE = 0.001
+#: Connections from which a cell counts for the memory target ("500 in flight").
+CROWDED = 500
 SATURATED = 0.90
 NOISY = 0.30
 MIB = 1024 * 1024
@@ -204,7 +206,7 @@ def check_targets(cells: list[Cell]) -> list[TargetCheck]:
     else:
         checks.append(TargetCheck("latency added", "p50 ≤ 1 ms and p99 ≤ 3 ms at 0 ms, concurrency 1", "—", None, why))
 
-    crowded = [cell for cell in cells if cell.target == "gateway-1" and cell.connections >= 500]
+    crowded = [cell for cell in cells if cell.target == "gateway-1" and cell.connections >= CROWDED]
     if crowded:
         errors = sum(sum(cell.errors.values()) for cell in crowded)
         growth = max((cell.rss_peak_mib - cell.rss_idle_mib) * 1000 / cell.connections for cell in crowded)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from bench.clients import Load, available_client, run_load
 from bench.procs import MemorySampler, cpu_seconds, machine_busy_seconds, rss_bytes
-from bench.report import MIB, NOISY, Cell, check_targets, compare, notes, refusals, table
+from bench.report import CROWDED, MIB, NOISY, Cell, check_targets, compare, notes, refusals, table
 from bench.targets import (
     LITELLM_VERSION,
     Target,
@@ -131,15 +131,16 @@ def _measure_target(name: str, mock: Target, client: str, args: argparse.Namespa
 
     Memory growth is counted from the target's RSS when warm (every code path of the
     first cell has run, pools exist) and idle (nothing in flight). A gateway is
-    restarted before each cell at the run's highest concurrency: RSS never shrinks
-    back, so on a process that had already served another crowded cell, the growth
-    would mix that cell's high-water mark with this one's.
+    restarted, and warmed at one connection, before each cell of ``CROWDED`` or more
+    connections at the run's highest concurrency: RSS never shrinks back, so on a
+    process that had already served another crowded cell, the growth would mix that
+    cell's high-water mark with this one's.
     """
     target = _start(name, workdir, mock)
     if target is None:
         return []
     crowded = max(args.concurrency)
-    fresh_for_memory = name.startswith("gateway") and crowded > 1
+    fresh_for_memory = name.startswith("gateway") and crowded >= CROWDED
     cells: list[Cell] = []
     idle: float | None = None
     try:
