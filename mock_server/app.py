@@ -13,7 +13,14 @@ Endpoints:
 A model request goes: read the body; validate it (400 in the personality's format);
 decide its fault (``faults.decide``: the ``x-mock-fault`` header or the profile's
 draws); wait the latency; then answer as the fault says. Bodies are JSON whatever
-their Content-Type.
+their Content-Type. A client that leaves before its answer is complete counts as a
+disconnect.
+
+The model endpoints are served by a plain ASGI handler in front of the quart app
+(as the gateway's ``/v1/chat/completions`` is, for the same reason: quart's
+per-request machinery cost more than everything else the mock does per request, and
+the mock shares the benchmark machine's cores with the gateway it serves). The rest
+of the API is quart views.
 """
 
 from __future__ import annotations
@@ -21,13 +28,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
+import attrs
 import orjson
 import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from orchestrator.asgi import Message, body_message, read_body, request_headers, start_message, until_disconnect
+from orchestrator.errors import BodyTimeout, BodyTooLarge
 from orchestrator.hosting import ABORT_EXTENSION, ShieldedHTTPConnection
 
 from .anthropic_wire import ANTHROPIC
@@ -42,10 +54,10 @@ from .faults import (
     parse_fault_header,
 )
 from .openai_wire import OPENAI
-from .state import MockState, Stats
+from .state import MockState
 from .wire import InvalidRequest, Personality, StreamScript
 
-__all__ = ["FAULT_HEADER", "create_app"]
+__all__ = ["FAULT_HEADER", "MockApp", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +65,52 @@ log = logging.getLogger(__name__)
 FAULT_HEADER = "x-mock-fault"
 
 _JSON = "application/json"
-_SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+_JSON_TYPE = b"application/json"
+_SSE_TYPE = b"text/event-stream; charset=utf-8"
+_PERSONALITIES = {OPENAI.path: OPENAI, ANTHROPIC.path: ANTHROPIC}
 
 
-def create_app(state: MockState | None = None) -> QuartTrio:
+class MockApp(QuartTrio):
+    """The mock's quart-trio app, with the model endpoints answered in front of quart:
+    ``POST /v1/chat/completions`` and ``/v1/messages``, and behind ``/d<ms>``."""
+
+    mock_state: MockState
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            route = _model_route(scope["path"])
+            if route is not None:
+                await _model_request(self, scope, receive, send, *route)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _model_route(path: str) -> tuple[Personality, int] | None:
+    """The personality and extra latency a path asks for, or None if not a model path."""
+    personality = _PERSONALITIES.get(path)
+    if personality is not None:
+        return personality, 0
+    if path.startswith("/d"):
+        digits, slash, rest = path[2:].partition("/")
+        personality = _PERSONALITIES.get(slash + rest)
+        if personality is not None and digits.isascii() and digits.isdigit():
+            return personality, int(digits)
+    return None
+
+
+def create_app(state: MockState | None = None) -> MockApp:
     """A fresh mock provider app serving ``state`` (a new healthy one when None).
 
     Call it once per serving lifespan: a quart app does not survive two. The state is
     also reachable as ``app.extensions["mock_state"]``.
     """
     state = MockState.create() if state is None else state
-    app = QuartTrio(__name__)
+    app = MockApp(__name__)
     app.asgi_http_class = ShieldedHTTPConnection
     # Stalls and slow streams are the point here: never cut a response short.
     app.config["RESPONSE_TIMEOUT"] = None
+    app.mock_state = state
     app.extensions["mock_state"] = state
-
-    async def openai_chat(delay_ms: int = 0) -> Response:
-        return await _model_request(state, OPENAI, delay_ms)
-
-    async def anthropic_messages(delay_ms: int = 0) -> Response:
-        return await _model_request(state, ANTHROPIC, delay_ms)
-
-    for personality, view in ((OPENAI, openai_chat), (ANTHROPIC, anthropic_messages)):
-        app.add_url_rule(personality.path, view_func=view, methods=["POST"])
-        app.add_url_rule(
-            f"/d<int:delay_ms>{personality.path}",
-            endpoint=f"{view.__name__}_delayed",
-            view_func=view,
-            methods=["POST"],
-        )
 
     @app.get("/config/failures")
     async def get_failures() -> Response:
@@ -125,22 +153,86 @@ def create_app(state: MockState | None = None) -> QuartTrio:
     return app
 
 
-async def _model_request(state: MockState, personality: Personality, delay_ms: int) -> Response:
-    """Answer one model request. A cancellation (the client left) counts as a disconnect."""
-    personality_state = state[personality.name]
+async def _model_request(
+    app: MockApp,
+    scope: HTTPScope,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+    personality: Personality,
+    delay_ms: int,
+) -> None:
+    """Answer one model request over ASGI. A client that leaves first is a disconnect."""
+    state = app.mock_state
+    if scope["method"] != "POST":
+        reply = _error(personality, 405, "The method is not allowed for the requested URL.", headers={"allow": "POST"})
+        await _send_whole(send, reply)
+        return
+    headers = request_headers(scope)
     try:
-        body = await request.get_data()
-        return await _answer(
-            state,
-            personality,
-            body,
-            request.headers.get(FAULT_HEADER),
-            (request.scope.get("extensions") or {}).get(ABORT_EXTENSION),
-            delay_ms,
-        )
-    except trio.Cancelled:
-        personality_state.stats.disconnects += 1
-        raise
+        body = await read_body(receive, headers.get(b"content-length"),
+                               limit=app.config["MAX_CONTENT_LENGTH"], timeout=app.config["BODY_TIMEOUT"])
+    except (BodyTooLarge, BodyTimeout) as error:
+        await _send_whole(send, _error(personality, error.status, error.message))
+        return
+    if body is None:
+        state[personality.name].stats.disconnects += 1
+        return
+    fault_header = headers.get(FAULT_HEADER.encode())
+    abort = scope["extensions"].get(ABORT_EXTENSION)
+    started = False
+
+    async def answer(cancel_scope: trio.CancelScope) -> None:
+        nonlocal started
+        last: list[Message] = []
+        try:
+            with cancel_scope:
+                reply = await _answer(state, personality, body, fault_header, abort, delay_ms)
+                if isinstance(reply.body, bytes):
+                    last = _whole(reply)
+                else:
+                    started = True
+                    await send(start_message(reply.status, reply.content_type, reply.headers))
+                    async with aclosing(reply.body) as pieces:
+                        async for piece in pieces:
+                            await send(body_message(piece, more=True))
+                    last = [body_message(b"")]
+        except trio.Cancelled:  # from further out: the server is going away with the client
+            state[personality.name].stats.disconnects += 1
+            raise
+        if cancel_scope.cancelled_caught:
+            state[personality.name].stats.disconnects += 1
+            return
+        for message in last:
+            await send(message)
+
+    try:
+        await until_disconnect(scope, receive, answer)
+    except Exception:
+        # A mock bug must still look like an HTTP answer, not a dropped connection.
+        log.exception("the mock failed to answer a %s request", personality.name)
+        if not started:
+            await _send_whole(send, _error(personality, 500, "The mock failed; see its log."))
+
+
+@attrs.frozen
+class _Reply:
+    """What a model request is answered with: all at once, or as a stream of pieces."""
+
+    status: int
+    body: bytes | AsyncIterator[bytes]
+    headers: dict[str, str] = attrs.field(factory=dict)
+    content_type: bytes = _JSON_TYPE
+
+
+def _whole(reply: _Reply) -> list[Message]:
+    assert isinstance(reply.body, bytes)
+    return [start_message(reply.status, reply.content_type, reply.headers, length=len(reply.body)),
+            body_message(reply.body)]
+
+
+async def _send_whole(send: ASGISendCallable, reply: _Reply) -> None:
+    for message in _whole(reply):
+        await send(message)
 
 
 async def _answer(
@@ -150,7 +242,7 @@ async def _answer(
     fault_header: str | None,
     abort: Callable[[], Awaitable[None]] | None,
     delay_ms: int,
-) -> Response:
+) -> _Reply:
     personality_state = state[personality.name]
     profile = personality_state.profile
     stats = personality_state.stats
@@ -203,24 +295,20 @@ async def _answer(
         # Shielded: a cancellation that the reset itself causes is not a disconnect.
         with trio.CancelScope(shield=True):
             await abort()
-        return Response(b"", 204)
+        return _Reply(204, b"")
 
     completion = complete(chat)
     response_id = personality.response_id(personality_state.next_response_serial())
     if chat.stream:
         script = personality.stream_script(chat, completion, response_id)
-        return Response(_play(script, fault, profile, stats), 200, _SSE_HEADERS)
+        return _Reply(200, _play(script, fault, profile), {"cache-control": "no-cache"}, _SSE_TYPE)
     if fault is FaultKind.SLOW_FIRST_TOKEN:
         await trio.sleep(profile.first_token_delay_seconds)
-    return Response(
-        personality.response_body(chat, completion, response_id), 200, content_type=_JSON
-    )
+    return _Reply(200, personality.response_body(chat, completion, response_id))
 
 
-async def _play(
-    script: StreamScript, fault: FaultKind | None, profile: FaultProfile, stats: Stats
-) -> AsyncIterator[bytes]:
-    """Send a stream script, bent by its fault. Abandoning it counts as a disconnect.
+async def _play(script: StreamScript, fault: FaultKind | None, profile: FaultProfile) -> AsyncIterator[bytes]:
+    """Send a stream script, bent by its fault.
 
     The head goes at once; slow_first_token then waits before the first content chunk;
     stream_stall waits, and malformed_chunk adds its bad line, after
@@ -228,31 +316,25 @@ async def _play(
     ``stream_cut_after_chunks`` content chunks; no_done leaves out the terminator.
     ``chunk_delay_ms`` paces the content chunks.
     """
-    try:
-        yield script.head
-        if fault is FaultKind.SLOW_FIRST_TOKEN:
-            await trio.sleep(profile.first_token_delay_seconds)
-        cut_after = profile.stream_cut_after_chunks if fault is FaultKind.STREAM_CUT else -1
-        strike_after = min(profile.stream_fault_after_chunks, len(script.pieces))
-        pause = profile.chunk_delay_ms / 1000
-        for index, piece in enumerate([*script.pieces, None]):
-            if index == strike_after and fault is FaultKind.MALFORMED_CHUNK:
-                yield script.malformed
-            elif index == strike_after and fault is FaultKind.STREAM_STALL:
-                await trio.sleep(profile.stream_stall_seconds)
-            if index == cut_after or piece is None:
-                break
-            if index and pause:
-                await trio.sleep(pause)
-            yield piece
-        if fault is FaultKind.STREAM_CUT:
-            return
-        yield script.tail if fault is FaultKind.NO_DONE else script.tail + script.end
-    except (trio.Cancelled, GeneratorExit):
-        # Cancelled: the client left during one of our sleeps; GeneratorExit: it left
-        # while a chunk was being sent, and quart closed the generator.
-        stats.disconnects += 1
-        raise
+    yield script.head
+    if fault is FaultKind.SLOW_FIRST_TOKEN:
+        await trio.sleep(profile.first_token_delay_seconds)
+    cut_after = profile.stream_cut_after_chunks if fault is FaultKind.STREAM_CUT else -1
+    strike_after = min(profile.stream_fault_after_chunks, len(script.pieces))
+    pause = profile.chunk_delay_ms / 1000
+    for index, piece in enumerate([*script.pieces, None]):
+        if index == strike_after and fault is FaultKind.MALFORMED_CHUNK:
+            yield script.malformed
+        elif index == strike_after and fault is FaultKind.STREAM_STALL:
+            await trio.sleep(profile.stream_stall_seconds)
+        if index == cut_after or piece is None:
+            break
+        if index and pause:
+            await trio.sleep(pause)
+        yield piece
+    if fault is FaultKind.STREAM_CUT:
+        return
+    yield script.tail if fault is FaultKind.NO_DONE else script.tail + script.end
 
 
 def _forced_fault(header: str) -> FaultKind:
@@ -275,10 +357,8 @@ def _error(
     message: str | None = None,
     param: str | None = None,
     headers: dict[str, str] | None = None,
-) -> Response:
-    return Response(
-        personality.error_body(status, message, param), status, headers, content_type=_JSON
-    )
+) -> _Reply:
+    return _Reply(status, personality.error_body(status, message, param), headers or {})
 
 
 def _json(data: object, status: int = 200) -> Response:

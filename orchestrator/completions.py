@@ -43,8 +43,8 @@ import orjson
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 
-from orchestrator.errors import BodyTimeout, BodyTooLarge, GatewayError, MethodNotAllowed, StreamInterrupted
-from orchestrator.hosting import DISCONNECT_EXTENSION
+from orchestrator.asgi import Message, body_message, read_body, request_headers, start_message, until_disconnect
+from orchestrator.errors import GatewayError, MethodNotAllowed, StreamInterrupted
 from orchestrator.keys import authenticate
 from orchestrator.logs import event
 from orchestrator.service import Orchestrator, sane_request_id
@@ -63,8 +63,6 @@ _SSE = b"text/event-stream; charset=utf-8"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 
-Message = dict[str, Any]
-
 
 class ChatCompletions:
     """The ASGI app for ``/v1/chat/completions`` over ``gw``.
@@ -80,7 +78,7 @@ class ChatCompletions:
         self._body_timeout = gw.config.body_timeout
 
     async def __call__(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+        headers = request_headers(scope)
         request_id = sane_request_id(headers.get(b"x-request-id"))
         started = False
 
@@ -89,20 +87,20 @@ class ChatCompletions:
             started = True
             await send(message)
 
+        async def answer(routing: trio.CancelScope) -> None:
+            last: list[Message] = []
+            with routing:
+                last = await self._route(request, request_id, send_tracked)
+            # Sent at once: any checkpoint before it would let the clean-up of the
+            # attempt (its task ending, its connection going back to the pool) run first.
+            for message in last:
+                await send(message)
+
         try:
             request = await self._read_request(scope["method"], headers, request_id, receive)
             if request is None:
                 return  # the client left before its body arrived
-            routing = trio.CancelScope()
-            cancel_on_disconnect = scope["extensions"].get(DISCONNECT_EXTENSION)
-            if cancel_on_disconnect is not None:  # served by orchestrator.hosting
-                cancel_on_disconnect(routing)
-                await self._answer(request, request_id, routing, send_tracked)
-            else:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_on_disconnect, receive, routing)
-                    await self._answer(request, request_id, routing, send_tracked)
-                    nursery.cancel_scope.cancel()
+            await until_disconnect(scope, receive, answer)
         except GatewayError as error:
             for message in _error_messages(error, request_id):
                 await send(message)
@@ -127,26 +125,12 @@ class ChatCompletions:
                 headers.get(b"authorization"), self._client_keys, request_id=request_id, path=CHAT_COMPLETIONS
             )
         timeout = parse_request_timeout(headers.get(b"x-request-timeout"))
-        raw = await self._read_body(receive, headers.get(b"content-length"))
+        raw = await read_body(
+            receive, headers.get(b"content-length"), limit=self._max_body, timeout=self._body_timeout
+        )
         if raw is None:
             return None
         return parse_body(raw), timeout, client
-
-    async def _answer(
-        self,
-        request: tuple[dict[str, Any], float | None, str | None],
-        request_id: str,
-        routing: trio.CancelScope,
-        send: ASGISendCallable,
-    ) -> None:
-        """Route under ``routing`` (cancelled if the client leaves), then send the answer."""
-        last: list[Message] = []
-        with routing:
-            last = await self._route(request, request_id, send)
-        # Sent at once: any checkpoint before it would let the clean-up of the attempt
-        # (its task ending, its connection going back to the pool) run first.
-        for message in last:
-            await send(message)
 
     async def _route(
         self,
@@ -170,27 +154,7 @@ class ChatCompletions:
         content = orjson.dumps(completion.body)
         attempts = sum(1 for attempt in completion.attempts if attempt.number is not None)
         headers = _stamp(request_id, completion.provider, attempts)
-        return [_start(200, _JSON, headers, length=len(content)), _body(content)]
-
-    async def _read_body(self, receive: ASGIReceiveCallable, declared: str | None) -> bytes | None:
-        """The whole request body, or None if the client disconnected first."""
-        if declared is not None and int(declared) > self._max_body:  # h11 checked it is digits
-            raise _too_large(self._max_body)
-        pieces: list[bytes] = []
-        size = 0
-        with trio.move_on_after(self._body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                piece = message.get("body", b"")
-                size += len(piece)
-                if size > self._max_body:
-                    raise _too_large(self._max_body)
-                pieces.append(piece)
-                if not message.get("more_body", False):
-                    return b"".join(pieces)
-        raise BodyTimeout(f"The request body did not arrive within {self._body_timeout:g} s.")
+        return [start_message(200, _JSON, headers, length=len(content)), body_message(content)]
 
 
 async def _relay(stream: ChunkStream, send: ASGISendCallable) -> list[Message]:
@@ -201,56 +165,33 @@ async def _relay(stream: ChunkStream, send: ASGISendCallable) -> list[Message]:
     """
     try:
         headers = _stamp(stream.request_id, stream.provider, stream.network_attempts) | _SSE_HEADERS
-        await send(_start(200, _SSE, headers))
+        await send(start_message(200, _SSE, headers))
         while True:
             try:
                 batch = await stream.next_batch()
             except StopAsyncIteration:
                 break
-            await send(_body(b"".join(_sse(chunk) for chunk in batch), more=True))
+            await send(body_message(b"".join(_sse(chunk) for chunk in batch), more=True))
     except StreamInterrupted as error:
-        return [_body(_sse(error.as_json()))]
+        return [body_message(_sse(error.as_json()))]
     finally:
         stream.close()
     event(logging.INFO, stream.request_id, "stream_done",
           f"stream from {stream.provider} finished ({stream.finish_reason})",
           provider=stream.provider, finish_reason=stream.finish_reason)
-    return [_body(_DONE)]
-
-
-async def _cancel_on_disconnect(receive: ASGIReceiveCallable, routing: trio.CancelScope) -> None:
-    """Cancel ``routing`` when the client disconnects (the body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    routing.cancel()
+    return [body_message(_DONE)]
 
 
 def _internal_error() -> GatewayError:
     return GatewayError("The gateway hit an internal error; it has been logged.")
 
 
-def _too_large(limit: int) -> BodyTooLarge:
-    return BodyTooLarge(f"The request body is larger than this gateway accepts ({limit} bytes).")
-
-
 def _sse(data: Any) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def _start(status: int, content_type: bytes, headers: dict[str, str], *, length: int | None = None) -> Message:
-    raw = [(b"content-type", content_type)]
-    raw += [(name.encode(), value.encode()) for name, value in headers.items()]
-    if length is not None:
-        raw.append((b"content-length", b"%d" % length))
-    return {"type": "http.response.start", "status": status, "headers": raw}
-
-
 def _stamp(request_id: str, provider: str, attempts: int) -> dict[str, str]:
     return {"x-request-id": request_id, "x-orchestrator-provider": provider, "x-orchestrator-attempts": str(attempts)}
-
-
-def _body(content: bytes, *, more: bool = False) -> Message:
-    return {"type": "http.response.body", "body": content, "more_body": more}
 
 
 def _error_messages(error: GatewayError, request_id: str) -> list[Message]:
@@ -258,4 +199,4 @@ def _error_messages(error: GatewayError, request_id: str) -> list[Message]:
         error.request_id = request_id
     content = orjson.dumps(error.as_json())
     headers = {"x-request-id": request_id, **error.response_headers()}
-    return [_start(error.status, _JSON, headers, length=len(content)), _body(content)]
+    return [start_message(error.status, _JSON, headers, length=len(content)), body_message(content)]
