@@ -87,19 +87,20 @@ class ChatCompletions:
             started = True
             await send(message)
 
-        async def answer(routing: trio.CancelScope) -> None:
-            last: list[Message] = []
-            with routing:
-                last = await self._route(request, request_id, send_tracked)
-            # Sent at once: any checkpoint before it would let the clean-up of the
-            # attempt (its task ending, its connection going back to the pool) run first.
-            for message in last:
-                await send(message)
-
         try:
             request = await self._read_request(scope["method"], headers, request_id, receive)
             if request is None:
                 return  # the client left before its body arrived
+
+            async def answer(routing: trio.CancelScope) -> None:
+                last: list[Message] = []
+                with routing:
+                    last = await self._route(request, request_id, send_tracked)
+                # Sent at once: any checkpoint before it would let the clean-up of the
+                # attempt (its task ending, its connection going back to the pool) run first.
+                for message in last:
+                    await send(message)
+
             await until_disconnect(scope, receive, answer)
         except GatewayError as error:
             for message in _error_messages(error, request_id):

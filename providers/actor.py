@@ -392,7 +392,8 @@ class ProviderActor:
                 if _has_content(item):
                     break
         if waiting.cancelled_caught:
-            return _reply(call, _silence(own, "no stream data", trio.current_time() - started))
+            silence = _silence(own, "no stream data", trio.current_time() - started)
+            return _reply(call, attrs.evolve(silence, status=200))
         chunks_send, chunks_receive = trio.open_memory_channel[StreamItem](STREAM_BUFFER)
         with chunks_send:
             if _reply(call, StreamOpened(tuple(head), chunks_receive, trio.current_time() - started)) is None:

@@ -323,3 +323,17 @@ async def test_a_finished_streams_connection_is_kept_only_if_its_body_ends(nurse
         assert server.connections == connections
         await trio.sleep(DRAIN_SECONDS * 2)  # a drain that waits in vain gives up, and settles
         assert (await actor.snapshot()).totals == {"ok": 2}
+
+
+async def test_a_stream_silent_before_its_first_token_is_a_failed_attempt_at_the_timeout(
+    autojump_clock, nursery, transport, mock_state
+):
+    mock_state.configure(FaultProfile(slow_first_token_probability=1.0, first_token_delay_seconds=60))
+    actor = await start(nursery, transport)
+    timeout = CONFIG.provider("openai").timeouts.first_token
+    started = trio.current_time()
+    failed, _ = await ask(actor, stream=True)
+    assert isinstance(failed, Failed)
+    assert failed.error_class is ErrorClass.SILENT and failed.status == 200  # the head had come
+    assert "no stream data" in failed.message
+    assert trio.current_time() - started == pytest.approx(timeout)
