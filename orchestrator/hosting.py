@@ -20,8 +20,9 @@ What it adds to ``hypercorn.trio.serve``:
 - At shutdown the listeners are closed first (new connections are refused at once),
   idle keep-alive connections are closed, and in-flight requests get
   ``graceful_timeout`` seconds before they are cancelled.
-- quart's ``RESPONSE_TIMEOUT`` (60 s by default) still cuts any longer response short,
-  streams included: an app sets it from its own deadlines (the mock sets None).
+- quart's ``RESPONSE_TIMEOUT`` (60 s by default) still cuts any longer response of a
+  quart view short, streams included: an app sets it from its own deadlines (the mock
+  sets None). Plain ASGI handlers mounted in front of quart bound their own time.
 - Every HTTP request scope carries an abort function under ``ABORT_EXTENSION`` in
   ``scope["extensions"]``: awaiting it resets the TCP connection (the peer sees a
   connection reset, not a response). The mock provider's ``reset`` fault uses it.
