@@ -54,7 +54,6 @@ from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import repr_socket_addr
-from wsgiref.handlers import format_date_time
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 __all__ = [
@@ -137,16 +136,15 @@ def hypercorn_config(
 
 
 class _Config(Config):
-    """hypercorn's ``Config``, whose ``Date`` and ``Server`` response headers are
-    formatted once a second instead of on every response (hypercorn formats the date
+    """hypercorn's ``Config``, whose response headers (``Date``, and ``Server`` when
+    enabled) are formatted once a second instead of on every response (hypercorn formats the date
     with ``wsgiref`` per response: about 1% of a small request's cost)."""
 
     _headers_second = -1
     _headers: dict[str, list[tuple[bytes, bytes]]]
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
-        now = time.time()
-        second = int(now)
+        second = int(time.time())
         if second != self._headers_second:
             self._headers = {}
             self._headers_second = second
