@@ -535,6 +535,7 @@ class _StreamReader:
         self._decoder = decoder
         self._ready: list[dict[str, Any]] = []
         self._ended = False
+        self._broken: StreamBroken | None = None
         self._waiting: trio.CancelScope | None = None
 
     def bounded(self) -> trio.CancelScope:
@@ -543,9 +544,15 @@ class _StreamReader:
         return self._waiting
 
     async def next_item(self, deadline: float) -> StreamItem:
-        """The next item; waits for data until ``deadline`` at most (see the class)."""
+        """The next item; waits for data until ``deadline`` at most (see the class).
+
+        A failure comes in its place in the stream: the chunks that arrived before a
+        bad line or an error event, in the same read, come first.
+        """
         decoder = self._decoder
         while not self._ready:
+            if self._broken is not None:
+                return self._broken
             if self._ended or _finished(decoder):
                 return StreamEnd(decoder.finish_reason, decoder.usage)
             assert self._waiting is not None, "next_item runs inside a bounded() block"
@@ -560,19 +567,24 @@ class _StreamReader:
             except httpx.TransportError as error:
                 error_class, description = classify_exception(error)
                 return StreamBroken(error_class, f"the provider's stream broke: {description}")
-            try:
-                for sse_event in self._sse.feed(data):
-                    self._ready.extend(decoder.feed(sse_event))
-            except MalformedStream as error:
-                return StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
-            except ProviderStreamError as error:
-                reported = error.error
-                error_class = classify_response(reported.status or 500, code=reported.code, message=reported.message)
-                return StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
-            except Exception:  # a chunk our decoder chokes on is a malformed chunk
-                logger.exception("a stream chunk the adapter could not read")
-                return StreamBroken(ErrorClass.MALFORMED, "a stream chunk the gateway could not read")
+            self._broken = self._feed(data)
         return self._ready.pop(0)
+
+    def _feed(self, data: bytes) -> StreamBroken | None:
+        """Decode one read into ``_ready``; what broke the stream, if anything did."""
+        try:
+            for sse_event in self._sse.feed(data):
+                self._ready.extend(self._decoder.feed(sse_event))
+        except MalformedStream as error:
+            return StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
+        except ProviderStreamError as error:
+            reported = error.error
+            error_class = classify_response(reported.status or 500, code=reported.code, message=reported.message)
+            return StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
+        except Exception:  # a chunk our decoder chokes on is a malformed chunk
+            logger.exception("a stream chunk the adapter could not read")
+            return StreamBroken(ErrorClass.MALFORMED, "a stream chunk the gateway could not read")
+        return None
 
     async def drain(self, deadline: float, limit: int) -> None:
         """Read what is left of the body, up to ``limit`` bytes, until ``deadline``.

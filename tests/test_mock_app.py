@@ -10,10 +10,11 @@ import json
 from collections import Counter
 
 import httpx
+import orjson
 import pytest
 import trio
 
-from mock_server import MockState, count_tokens, open_mock_transport, reply_for
+from mock_server import FaultProfile, MockState, count_tokens, create_app, open_mock_transport, reply_for
 from mock_server.testing import PATHS, body_for, observe
 
 PERSONALITIES = ["openai", "anthropic"]
@@ -417,6 +418,53 @@ async def test_chunk_delay_paces_the_stream(autojump_clock, mock_client):
     seen = await observe(mock_client, "openai", stream=True)
     times = [event.at for event in seen.content_events]
     assert times == pytest.approx([0.02 * index for index in range(len(times))])
+
+
+class _Writes:
+    """The body writes of one model request, sent straight to the mock's ASGI app."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[float, bytes]] = []
+        self._request = [{"type": "http.request", "body": orjson.dumps(body_for("openai", stream=True))}]
+
+    async def receive(self) -> dict:
+        if self._request:
+            return self._request.pop()
+        await trio.sleep_forever()
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            self.bodies.append((trio.current_time(), message["body"]))
+
+    async def run(self, state: MockState) -> list[tuple[float, bytes]]:
+        scope = {"type": "http", "method": "POST", "path": PATHS["openai"], "headers": [], "extensions": {}}
+        await create_app(state)(scope, self.receive, self.send)
+        return self.bodies
+
+
+@pytest.mark.parametrize(("profile", "writes"), [
+    pytest.param({}, [0.0], id="unpaced: the whole stream in one write"),
+    pytest.param({"slow_first_token_probability": 1.0, "first_token_delay_seconds": 7}, [0.0, 7.0],
+                 id="slow first token: the head, then the rest"),
+    pytest.param({"stream_stall_probability": 1.0, "stream_stall_seconds": 12, "stream_fault_after_chunks": 2},
+                 [0.0, 12.0], id="stall: what came before it, then the rest"),
+])
+async def test_events_due_together_leave_in_one_write(autojump_clock, profile, writes):
+    state = MockState.create()
+    state.configure(FaultProfile.from_fields(profile))
+    bodies = await _Writes().run(state)
+    assert [at for at, _ in bodies] == pytest.approx(writes)
+    assert bodies[-1][1].endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_paced_stream_writes_each_chunk_when_due(autojump_clock):
+    state = MockState.create()
+    state.configure(FaultProfile(chunk_delay_ms=20))
+    bodies = await _Writes().run(state)
+    pieces = len(reply_for("test").split())
+    assert [at for at, _ in bodies] == pytest.approx([0.02 * index for index in range(pieces)])
+    assert bodies[0][1].count(b"data: ") == 2  # the role chunk and the first token
+    assert bodies[-1][1].count(b"data: ") == 3  # the last token, the finish chunk, [DONE]
 
 
 async def test_stream_cut_after_chunks(autojump_clock, mock_client):

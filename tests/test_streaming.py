@@ -261,8 +261,11 @@ async def test_a_stall_after_commit_is_continued_where_possible(autojump_clock, 
     assert run.ended_at - start == pytest.approx(IDLE)
 
 
-async def test_a_malformed_chunk_after_commit_is_continued(autojump_clock, gw, mock_state):
-    fault(mock_state, malformed_chunk_probability=1.0, stream_fault_after_chunks=4)
+@pytest.mark.parametrize("chunk_delay_ms", [0, 10], ids=["in-the-same-read", "in-a-read-of-its-own"])
+async def test_a_malformed_chunk_after_commit_is_continued(autojump_clock, gw, mock_state, chunk_delay_ms):
+    # Unpaced, the mock writes the whole stream at once: the chunks before the bad
+    # line must still be delivered first, so the break comes after the commit.
+    fault(mock_state, malformed_chunk_probability=1.0, stream_fault_after_chunks=4, chunk_delay_ms=chunk_delay_ms)
     run = await stream_once(gw)
     assert run.error is None and run.text == REPLY and run.stream.continuations == 1
 
