@@ -183,7 +183,10 @@ class ProviderActor:
         """Serve the inbox until cancelled. Reports its :class:`ActorHandle` once ready."""
         pool = ClientPool(
             shards=self.config.pool_shards,
-            max_connections=self.config.max_concurrency,
+            # One connection per attempt, and as many again for finished streams still
+            # draining (for DRAIN_SECONDS at most) after their attempt gave back its slot:
+            # max_concurrency, not the pool, is what refuses or holds up new work.
+            max_connections=2 * self.config.max_concurrency,
             connect_timeout=self.config.timeouts.connect,
             transport=self._transport,
         )
@@ -234,16 +237,24 @@ class ProviderActor:
     # -- one attempt ----------------------------------------------------------------
 
     async def _attempt(self, call: Call, admission: Admission, pool: ClientPool) -> None:
+        slot = _Slot(admission, call.request_id)
         verdict: Verdict_ = None
         try:
             with call.reply, call.scope:
                 if call.stream:
-                    verdict = await self._stream(call, pool.next())
+                    verdict = await self._stream(call, pool.next(), slot)
                 else:
                     verdict = await self._complete(call, pool.next())
         finally:
+            self._release(slot, verdict)
+
+    def _release(self, slot: _Slot, verdict: Verdict_) -> None:
+        """Give ``slot`` back, once: its place in ``max_concurrency``, and its breaker
+        admission with the attempt's ``verdict``."""
+        if slot.held:
+            slot.held = False
             self._in_flight -= 1
-            self._settle(verdict, admission, call.request_id)
+            self._settle(verdict, slot.admission, slot.request_id)
 
     def _http_request(self, upstream: UpstreamRequest) -> httpx.Request:
         """The httpx request for ``upstream``, built without httpx's per-request merging.
@@ -324,7 +335,7 @@ class ProviderActor:
             error=error.openai_error,
         )
 
-    async def _stream(self, call: Call, client: httpx.AsyncClient) -> Verdict_:
+    async def _stream(self, call: Call, client: httpx.AsyncClient, slot: _Slot) -> Verdict_:
         """One streaming attempt: reply at the commit point, then pump the rest.
 
         Before the first content chunk every failure is an ordinary ``Failed`` reply,
@@ -353,8 +364,11 @@ class ProviderActor:
             reader = _StreamReader(response, self._adapter.stream_decoder(call.body))
             verdict = await self._relay(call, reader, started)
             if verdict == _SUCCESS:
-                # The answer is complete and relayed; reading the body to its end lets
-                # the connection go back to the pool instead of being closed.
+                # The answer is complete and relayed: the attempt is settled now (its
+                # requester may already be sending the next request). Reading the body
+                # to its end lets the connection go back to the pool instead of being
+                # closed; a provider that leaves it open holds only the connection.
+                self._release(slot, verdict)
                 await reader.drain(min(trio.current_time() + DRAIN_SECONDS, call.deadline), DRAIN_BYTES)
             return verdict
         finally:
@@ -515,6 +529,15 @@ class ProviderActor:
                 break
             message.reply.close()
         self._inbox.close()
+
+
+@attrs.define
+class _Slot:
+    """An admitted attempt's hold on its provider: given back by ``ProviderActor._release``."""
+
+    admission: Admission
+    request_id: str
+    held: bool = True
 
 
 class _StreamReader:

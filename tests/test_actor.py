@@ -325,6 +325,26 @@ async def test_a_finished_streams_connection_is_kept_only_if_its_body_ends(nurse
         assert (await actor.snapshot()).totals == {"ok": 2}
 
 
+async def test_a_draining_stream_no_longer_counts_as_in_flight(nursery):
+    # A provider that leaves its body open after [DONE]: the drain waits DRAIN_SECONDS.
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(SSE_HEAD + ANSWER)
+
+    async with serving(answer) as server:
+        provider = Config.from_mapping({
+            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1", "max_concurrency": 1}},
+            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
+        }).provider("openai")
+        actor = await nursery.start(ProviderActor(provider).run)
+        for count in (1, 2):
+            started = trio.current_time()
+            items = await stream_through(actor)  # the second is admitted, not refused as saturated
+            assert isinstance(items[-1], StreamEnd)
+            snapshot = await actor.snapshot()
+            assert trio.current_time() - started < DRAIN_SECONDS  # still draining...
+            assert snapshot.in_flight == 0 and snapshot.totals == {"ok": count}  # ...and settled
+
+
 async def test_a_stream_silent_before_its_first_token_is_a_failed_attempt_at_the_timeout(
     autojump_clock, nursery, transport, mock_state
 ):
