@@ -298,6 +298,8 @@ class Breaker:
                 probe_since=None,
                 epoch=self.epoch + 1,
             )
+        if self.consecutive_failures == 0:
+            return self  # the common case, on every success: nothing to change
         return attrs.evolve(self, consecutive_failures=0)
 
     def record_failure(self, admission: Admission, now: float) -> Breaker:

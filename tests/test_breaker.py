@@ -153,6 +153,13 @@ def test_success_in_closed_resets_the_count() -> None:
     assert fail_once(breaker, T + 1).state is OPEN
 
 
+def test_a_success_with_nothing_to_reset_keeps_the_breaker() -> None:
+    # Every successful call records one: with no failures to reset, the actor keeps
+    # the same breaker object and so skips building a new one and comparing states.
+    breaker, admission = admit(Breaker(), T, Verdict.ADMITTED)
+    assert breaker.record_success(admission) is breaker
+
+
 def test_release_of_a_normal_call_counts_nothing() -> None:
     breaker = Breaker()
     for _ in range(4):
