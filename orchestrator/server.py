@@ -115,8 +115,10 @@ def run_gateway(
     """Block serving the gateway (and the mock, given ``mock_port``) until SIGINT/SIGTERM.
 
     Returns the exit status: 0 after a requested stop, 1 if a worker failed. Raises
-    ``OSError`` if an address cannot be bound.
+    ``OSError`` if an address cannot be bound. It is the process's whole life: the
+    garbage collector is set up for serving first (``hosting.tune_collector_for_serving``).
     """
+    hosting.tune_collector_for_serving()
     if workers > 1:
         return run_workers(config, host=host, port=port, workers=workers, mock_port=mock_port, mock_seed=mock_seed)
     if mock_port is None:

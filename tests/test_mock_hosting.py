@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import email.utils
+import subprocess
+import sys
 import time
 from functools import partial
 
@@ -13,7 +15,7 @@ import trio.testing
 from quart_trio import QuartTrio
 
 from mock_server import create_app
-from orchestrator.hosting import ShieldedHTTPConnection, serve
+from orchestrator.hosting import YOUNG_COLLECTION_THRESHOLD, ShieldedHTTPConnection, serve
 
 
 def gated_app() -> tuple[QuartTrio, trio.Event, trio.Event]:
@@ -173,3 +175,14 @@ async def test_the_grace_period_ends_in_flight_requests():
         started = trio.current_time()
         shutdown.set()
     assert 0.15 <= trio.current_time() - started < 2
+
+
+def test_a_serving_process_freezes_what_it_imported_and_collects_young_objects_less_often():
+    # In a process of its own: it changes the collector for everything in the process.
+    script = (
+        "import gc; from orchestrator import hosting; hosting.tune_collector_for_serving();"
+        " print(gc.get_freeze_count(), *gc.get_threshold())"
+    )
+    frozen, young, middle, oldest = map(int, subprocess.check_output([sys.executable, "-c", script]).split())
+    assert frozen > 10_000  # the imported modules, classes and functions
+    assert (young, middle, oldest) == (YOUNG_COLLECTION_THRESHOLD, 10, 10)
