@@ -570,7 +570,9 @@ class _StreamReader:
         """The next item; waits for data until ``deadline`` at most (see the class).
 
         A failure comes in its place in the stream: the chunks that arrived before a
-        bad line or an error event, in the same read, come first.
+        chunk that cannot be read or an error event, in the same read, come first. (A
+        line the event-stream framing itself rejects -- not UTF-8, or over the size
+        limit -- fails its read as a whole.)
         """
         decoder = self._decoder
         while not self._ready:
