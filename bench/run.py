@@ -12,6 +12,10 @@ Prints progress on stderr, then a markdown table and the issue's targets on stdo
 and writes everything (settings, machine, per-process CPU, refusals) as JSON to
 ``bench/results/``. Which cells are refused and why: :mod:`bench.report`.
 
+Then each ratio target's pair of cells is measured again, its two sides alternating,
+``--pair-rounds`` times, and the targets are judged on those rounds' medians (see
+:mod:`bench.report`): the sweep measures the two sides of a ratio minutes apart.
+
 ``--smoke`` is the CI's tiny run: a fraction of a second per cell, two connections,
 no LiteLLM, the built-in load generator unless ``--client`` says otherwise.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from bench.clients import Load, available_client, run_load
 from bench.procs import MemorySampler, cpu_seconds, machine_busy_seconds, rss_bytes
-from bench.report import CROWDED, MIB, NOISY, Cell, check_targets, compare, notes, refusals, table
+from bench.report import CROWDED, MIB, NOISY, Cell, check_targets, compare, notes, pairs, refusals, table
 from bench.targets import (
     LITELLM_VERSION,
     Target,
@@ -62,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client", choices=("auto", "wrk", "builtin"), default=None,
                         help="load generator (default: wrk if installed; --smoke: builtin)")
     parser.add_argument("--retries", type=int, default=2, help="re-measurements of a cell on a noisy machine")
+    parser.add_argument("--pair-rounds", type=int, default=3, metavar="N",
+                        help="interleaved re-measurements of each ratio target's two cells (default 3; 0: none)")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="S",
                         help="before a cell, wait up to S seconds for other processes to leave the cores (default 60)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/bench-<time>.json)")
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.smoke:
         args.duration, args.warmup, args.retries, args.quiet_wait, args.concurrency = 0.3, 0.0, 0, 0.0, [2]
+        args.pair_rounds = min(args.pair_rounds, 1)
         args.targets = [name for name in args.targets if name != "litellm"]
         args.client = args.client or "builtin"
     client = available_client(args.client or "auto")
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in args.targets:
                 cells += _measure_target(name, mock, client, args, workdir)
+            cells += _measure_pairs(cells, mock, client, args, workdir)
         finally:
             mock.server.stop()
 
@@ -166,6 +174,40 @@ def _measure_target(name: str, mock: Target, client: str, args: argparse.Namespa
     finally:
         if target is not mock:
             target.server.stop()
+    return cells
+
+
+def _measure_pairs(swept: list[Cell], mock: Target, client: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
+    """Each ratio target's two cells again, alternating, ``--pair-rounds`` times.
+
+    Only pairs whose both cells the sweep measured; the gateways are started afresh,
+    once for all pairs, and stopped after.
+    """
+    measured_keys = {(cell.target, cell.key) for cell in swept}
+    wanted = [(key, first, second) for key, first, second in pairs(max(args.concurrency))
+              if (first, key) in measured_keys and (second, key) in measured_keys]
+    if not wanted or args.pair_rounds < 1:
+        return []
+    started: dict[str, Target] = {}
+    cells: list[Cell] = []
+    try:
+        for name in sorted({name for _, first, second in wanted for name in (first, second)}):
+            target = _start(name, workdir, mock)
+            assert target is not None  # pairs name the mock and gateways only
+            started[name] = target
+        for key, first, second in wanted:
+            latency, mode, connections = key
+            body = workdir / f"body-{latency}-{mode}.json"
+            for index in range(1, args.pair_rounds + 1):
+                _progress(f"interleaved round {index} of {args.pair_rounds}: {second} and {first}")
+                for name in (first, second) if index % 2 else (second, first):
+                    cell = _measure_load(started[name], mock, client, args, body, latency, mode, connections)
+                    cell.pair_round = index
+                    cells.append(cell)
+    finally:
+        for target in started.values():
+            if target is not mock:
+                target.server.stop()
     return cells
 
 

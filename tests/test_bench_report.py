@@ -1,0 +1,72 @@
+"""Judging a bench run (``bench.report``) on made-up cells: no process, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.report import Cell, check_targets, compare, table
+
+
+def cell(target: str, *, rps: float, p50: float = 1.0, p99: float = 2.0, connections: int = 1, latency: int = 0,
+         pair_round: int = 0, refused: list[str] | None = None) -> Cell:
+    return Cell(
+        target=target, latency_ms=latency, mode="json", connections=connections, requests=int(rps * 10),
+        duration=10.0, rps=rps, p50_ms=p50, p99_ms=p99, errors={"status": 0},
+        processes=[{"pid": 1, "role": target, "cpu_s": 5.0}], rss_idle_mib=50.0, rss_peak_mib=60.0,
+        mock_cpu=0.5, client_cpu=0.1, others_cpu=0.0, pair_round=pair_round, refused=refused or [],
+    )
+
+
+def latency_check(cells: list[Cell]):
+    [check] = [check for check in check_targets(cells) if check.name == "latency added"]
+    return check
+
+
+def test_targets_are_judged_on_the_medians_of_the_interleaved_rounds():
+    cells = [
+        cell("direct", rps=1000, p50=0.5, p99=1.0),
+        cell("gateway-1", rps=400, p50=2.5, p99=4.0),  # the sweep caught a slow minute
+        *(cell("direct", rps=1000, p50=p50, p99=1.0, pair_round=index) for index, p50 in enumerate([0.5, 0.6, 0.4], 1)),
+        *(cell("gateway-1", rps=600, p50=p50, p99=2.0, pair_round=index)
+          for index, p50 in enumerate([1.4, 1.2, 9.0], 1)),
+    ]
+    check = latency_check(cells)
+    assert check.value == "p50 +0.90 ms, p99 +1.00 ms"  # medians 1.4 - 0.5 and 2.0 - 1.0
+    assert check.met is True and check.detail == "medians of 3 interleaved rounds"
+
+
+def test_a_refused_round_is_left_out_and_a_pair_without_usable_rounds_is_refused():
+    cells = [
+        cell("direct", rps=1000, p50=0.5),
+        cell("gateway-1", rps=600, p50=1.2),
+        cell("direct", rps=1000, p50=0.5, pair_round=1),
+        cell("gateway-1", rps=600, p50=1.2, pair_round=1),
+        cell("gateway-1", rps=600, p50=9.0, pair_round=2, refused=["noisy: other processes used 0.50 cores"]),
+    ]
+    assert latency_check(cells).value == "p50 +0.70 ms, p99 +0.00 ms"
+    cells[3].refused = ["noisy: other processes used 0.50 cores"]
+    check = latency_check(cells)
+    assert check.met is None and "refused: noisy" in check.detail
+
+
+def test_the_table_and_the_ratios_show_the_sweep_only():
+    cells = [
+        cell("direct", rps=1000, p50=0.5),
+        cell("gateway-1", rps=500, p50=1.5),
+        cell("gateway-1", rps=900, p50=0.9, pair_round=1),
+        cell("direct", rps=1000, p50=0.5, pair_round=1),
+    ]
+    compare(cells)
+    assert cells[1].added_p50_ms == pytest.approx(1.0) and cells[2].added_p50_ms is None
+    rows = [line for line in table(cells, []).splitlines() if line.startswith("| 0 ms")]
+    assert len(rows) == 2 and "| 500 |" in rows[1]
+
+
+def test_the_memory_target_ignores_the_rounds():
+    cells = [
+        cell("gateway-1", rps=800, connections=500),
+        cell("gateway-1", rps=800, connections=500, pair_round=1),
+    ]
+    cells[1].rss_idle_mib = 0.0  # a round's cell has no idle baseline
+    [check] = [check for check in check_targets(cells) if check.name == "500 in flight"]
+    assert check.value == "0 errors; 20.0 MiB per 1,000" and check.met is True
