@@ -70,3 +70,47 @@ def test_the_memory_target_ignores_the_rounds():
     cells[1].rss_idle_mib = 0.0  # a round's cell has no idle baseline
     [check] = [check for check in check_targets(cells) if check.name == "500 in flight"]
     assert check.value == "0 errors; 20.0 MiB per 1,000" and check.met is True
+
+
+# -- which processes a run measures fresh (bench.run, with the processes faked) -------
+
+
+class FakeServer:
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name, self.pid = log, name, 1
+
+    def pids(self) -> list[int]:
+        return [self.pid]
+
+    def stop(self) -> None:
+        self.log.append(f"stop {self.name}")
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("litellm", ["start", "1", "50", "500", "stop", "start", "1", "50", "500", "stop"]),
+    ("gateway-1", ["start", "1", "50", "stop", "start", "500", "stop", "start", "1", "50", "stop", "start", "500",
+                   "stop"]),
+])
+def test_a_target_is_fresh_after_a_crowded_cell_and_a_gateway_before_one(monkeypatch, tmp_path, name, expected):
+    from bench import run
+    from bench.targets import Target
+
+    log: list[str] = []
+
+    def start(target_name, workdir, mock):
+        log.append("start")
+        return Target(target_name, "http://127.0.0.1:1", FakeServer(log, "target"))
+
+    def measure(target, mock, client, args, body, latency, mode, connections):
+        log.append(str(connections))
+        return cell(target.name, rps=100, connections=connections, latency=latency)
+
+    monkeypatch.setattr(run, "_start", start)
+    monkeypatch.setattr(run, "_measure_load", measure)
+    monkeypatch.setattr(run, "run_load", lambda client, load: None)
+    monkeypatch.setattr(run, "rss_bytes", lambda pid: 0)
+    args = run._parser().parse_args(["--concurrency", "1", "50", "500", "--modes", "json"])
+    mock = Target("direct", "http://127.0.0.1:2", FakeServer(log, "mock"))
+    run._measure_target(name, mock, "wrk", args, tmp_path)
+    assert [entry.split()[0] for entry in log] == expected
+    assert "stop mock" not in log
