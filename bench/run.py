@@ -203,7 +203,8 @@ def _measure_pairs(swept: list[Cell], mock: Target, client: str, args: argparse.
             latency, mode, connections = key
             body = workdir / f"body-{latency}-{mode}.json"
             for index in range(1, args.pair_rounds + 1):
-                _progress(f"interleaved round {index} of {args.pair_rounds}: {second} and {first}")
+                _progress(f"interleaved round {index} of {args.pair_rounds}: {first} and {second},"
+                          f" {latency} ms {mode} {connections} conns")
                 for name in (first, second) if index % 2 else (second, first):
                     cell = _measure_load(started[name], mock, client, args, body, latency, mode, connections)
                     cell.pair_round = index
