@@ -215,7 +215,8 @@ def check_targets(cells: list[Cell]) -> list[TargetCheck]:
     if found:
         ratio = found[0].rps / found[1].rps
         checks.append(TargetCheck("throughput vs LiteLLM", "≥ 6 × LiteLLM at 50 ms, 50 connections, 1 worker",
-                                  f"{ratio:.1f} ×", ratio >= 6, f"{found[0].rps:.0f} vs {found[1].rps:.0f} req/s"))
+                                  f"{ratio:.1f} ×", ratio >= 6,
+                                  f"{found[0].rps:.0f} vs {found[1].rps:.0f} req/s{_basis(*found)}"))
     else:
         checks.append(TargetCheck("throughput vs LiteLLM", "≥ 6 × LiteLLM at 50 ms, 50 connections, 1 worker",
                                   "—", None, why))

@@ -114,3 +114,15 @@ def test_a_target_is_fresh_after_a_crowded_cell_and_a_gateway_before_one(monkeyp
     run._measure_target(name, mock, "wrk", args, tmp_path)
     assert [entry.split()[0] for entry in log] == expected
     assert "stop mock" not in log
+
+
+def test_the_litellm_ratio_takes_the_gateways_rounds_and_says_so():
+    cells = [
+        cell("gateway-1", rps=500, latency=50, connections=50),
+        cell("litellm", rps=50, latency=50, connections=50),
+        *(cell("gateway-1", rps=rps, latency=50, connections=50, pair_round=index)
+          for index, rps in enumerate([700, 720, 100], 1)),
+    ]
+    [check] = [check for check in check_targets(cells) if check.name == "throughput vs LiteLLM"]
+    assert check.value == "14.0 ×"
+    assert check.detail == "700 vs 50 req/s; medians of 3 interleaved rounds"
