@@ -70,7 +70,7 @@ from providers.adapter import (
 )
 from providers.breaker import Admission, Breaker, CircuitState, Verdict, describe_transition
 from providers.classify import classify_exception, classify_response, parse_retry_after
-from providers.pool import ClientPool
+from providers.pool import ClientPool, body_pieces
 from providers.sse import SSEDecoder
 
 __all__ = ["ActorHandle", "ActorStopped", "ProviderActor", "make_adapter"]
@@ -553,7 +553,7 @@ class _StreamReader:
     """
 
     def __init__(self, response: httpx.Response, decoder: StreamDecoder) -> None:
-        self._bytes = response.aiter_bytes()
+        self._bytes = body_pieces(response)
         self._sse = SSEDecoder()
         self._decoder = decoder
         self._ready: list[dict[str, Any]] = []

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import trio
 
-__all__ = ["ClientPool", "LeanTransport", "UpstreamClient"]
+__all__ = ["ClientPool", "LeanTransport", "UpstreamClient", "body_pieces"]
 
 #: Idle connections older than this are closed rather than reused (httpx's default).
 KEEPALIVE_EXPIRY = 5.0
@@ -145,7 +145,11 @@ class UpstreamClient(httpx.AsyncClient):
         if not stream:
             read = False
             try:
-                await response.aread()
+                body = response.stream
+                if isinstance(body, _Body) and body.identity:
+                    _mark_read(response, await body.read())
+                else:
+                    await response.aread()  # httpx decodes what the server compressed
                 read = True
             finally:
                 if not read:  # failed or cancelled mid-body: the connection is not reusable
@@ -336,12 +340,16 @@ class _Body(httpx.AsyncByteStream):
         self._length: int | None = None
         self._chunked = False
         self._keep_alive = http_version == 1
+        #: No ``Content-Encoding``: the bytes read are the body (see :func:`body_pieces`).
+        self.identity = True
         transfer_encoding = b""
         lengths = set()
         for name, value in headers:
             name = name.lower()
             if name == b"connection" and b"close" in value.lower():
                 self._keep_alive = False
+            elif name == b"content-encoding":
+                self.identity = self.identity and value.strip().lower() in (b"", b"identity")
             elif name == b"transfer-encoding":
                 transfer_encoding = value.lower()
             elif name == b"content-length":
@@ -365,8 +373,13 @@ class _Body(httpx.AsyncByteStream):
         request = self._request
         if self._chunked:
             while size := _chunk_size(await connection.read_line(request), request):
-                async for piece in self._exactly(connection, size):
+                if len(connection.buffer) >= size:  # the usual case: the chunk is in
+                    piece = bytes(connection.buffer[:size])
+                    del connection.buffer[:size]
                     yield piece
+                else:
+                    async for piece in self._exactly(connection, size):
+                        yield piece
                 if await connection.read_line(request) != b"":
                     raise httpx.RemoteProtocolError("a chunk does not end with CRLF", request=request)
             while await connection.read_line(request) != b"":
@@ -381,19 +394,40 @@ class _Body(httpx.AsyncByteStream):
                 yield piece
         self._finish(keep=self._keep_alive and not connection.buffer)
 
+    async def read(self) -> bytes:
+        """The whole body, read to its end as iterating would, in one piece.
+
+        A body of known length is taken from the connection's buffer once it is all
+        in, without a generator per response (the common answer: a JSON completion).
+        """
+        connection = self._connection
+        size = self._length
+        if connection is None or size is None or self._chunked:
+            return b"".join([piece async for piece in self])
+        while len(connection.buffer) < size:
+            if not await connection.receive(self._request):
+                raise self._truncated(len(connection.buffer), size)
+        content = bytes(connection.buffer[:size])
+        del connection.buffer[:size]
+        self._finish(keep=self._keep_alive and not connection.buffer)
+        return content
+
     async def _exactly(self, connection: _Connection, size: int) -> AsyncIterator[bytes]:
         remaining = size
         while remaining:
             if not connection.buffer and not await connection.receive(self._request):
-                raise httpx.RemoteProtocolError(
-                    f"peer closed connection without sending complete message body:"
-                    f" received {size - remaining} bytes, expected {size}",
-                    request=self._request,
-                )
+                raise self._truncated(size - remaining, size)
             piece = bytes(connection.buffer[:remaining])
             del connection.buffer[: len(piece)]
             remaining -= len(piece)
             yield piece
+
+    def _truncated(self, received: int, expected: int) -> httpx.RemoteProtocolError:
+        return httpx.RemoteProtocolError(
+            f"peer closed connection without sending complete message body:"
+            f" received {received} bytes, expected {expected}",
+            request=self._request,
+        )
 
     async def aclose(self) -> None:
         self._finish(keep=False)
@@ -402,6 +436,29 @@ class _Body(httpx.AsyncByteStream):
         if self._connection is not None:
             connection, self._connection = self._connection, None
             self._transport._release(connection, keep=keep)
+
+
+def body_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a ``send(stream=True)`` response, piece by piece as it arrives.
+
+    A body the lean transport reads that needs no decoding is iterated directly,
+    without httpx's two generator layers and decoder per piece (a stream has dozens
+    of pieces); any other body goes through ``aiter_bytes``. Close the response after,
+    as always.
+    """
+    body = response.stream
+    if isinstance(body, _Body) and body.identity:
+        return body.__aiter__()
+    return response.aiter_bytes()
+
+
+def _mark_read(response: httpx.Response, content: bytes) -> None:
+    # What ``Response.aread`` leaves behind once it has read a body to its end: the
+    # content kept, the stream consumed and closed (``_Body.read`` released it).
+    response._content = content
+    response.is_stream_consumed = True
+    response.is_closed = True
+    response._num_bytes_downloaded = len(content)
 
 
 def _serialize(request: httpx.Request, body: bytes) -> bytes:

@@ -7,6 +7,7 @@ records what it received.
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import socket
 import ssl
@@ -20,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from providers.pool import ClientPool, LeanTransport, UpstreamClient
+from providers.pool import ClientPool, LeanTransport, UpstreamClient, body_pieces
 from rawserver import Server, reply, serving
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
@@ -199,6 +200,55 @@ async def test_a_stream_closed_early_gives_its_slot_back():
                 break
             await response.aclose()
         assert server.connections == 2
+
+
+async def test_a_body_read_whole_leaves_the_response_as_aread_would():
+    async with serving(reply(OK)) as server, client() as upstream:
+        response = await upstream.post(server.url, content=b"")
+        assert response.is_closed and response.is_stream_consumed
+        assert response.content == await response.aread() == b'{"ok":true}'
+        assert response.num_bytes_downloaded == 11
+        await response.aclose()
+        assert (await upstream.post(server.url, content=b"")).json() == {"ok": True}
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_compressed_body_is_decoded_whole_and_streamed(chunked):
+    packed = gzip.compress(b'{"ok":true}')
+    framing = b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed) if chunked \
+        else b"content-length: %d\r\n\r\n%s" % (len(packed), packed)
+    answer = reply(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\n" + framing)
+    async with serving(answer) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"")).json() == {"ok": True}
+        response = await upstream.send(upstream.build_request("POST", server.url, content=b""), stream=True)
+        try:
+            assert b"".join([piece async for piece in body_pieces(response)]) == b'{"ok":true}'
+        finally:
+            await response.aclose()
+
+
+async def test_body_pieces_reads_an_uncompressed_stream_as_it_arrives():
+    half_read = trio.Event()
+
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\nde")
+        await half_read.wait()  # the rest of the second chunk only once its start is out
+        await stream.send_all(b"fg\r\n0\r\n\r\n")
+
+    async with serving(answer) as server, client() as upstream:
+        response = await upstream.send(upstream.build_request("POST", server.url, content=b""), stream=True)
+        try:
+            pieces = []
+            async for piece in body_pieces(response):
+                pieces.append(piece)
+                if piece == b"de":
+                    half_read.set()
+            assert pieces == [b"abc", b"de", b"fg"]
+        finally:
+            await response.aclose()
+        assert (await upstream.post(f"{server.url}/again", content=b"")).status_code == 200
+        assert server.connections == 1  # read to its end: the connection was kept
 
 
 async def test_send_refuses_auth_and_redirects():
