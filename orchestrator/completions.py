@@ -46,7 +46,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 from orchestrator.asgi import Message, body_message, read_body, request_headers, start_message, until_disconnect
 from orchestrator.errors import GatewayError, MethodNotAllowed, StreamInterrupted
 from orchestrator.keys import authenticate
-from orchestrator.logs import event
+from orchestrator.logs import enabled, event
 from orchestrator.service import Orchestrator, sane_request_id
 from orchestrator.streaming import ChunkStream
 from orchestrator.validation import parse_body, parse_request_timeout
@@ -177,9 +177,10 @@ async def _relay(stream: ChunkStream, send: ASGISendCallable) -> list[Message]:
         return [body_message(_sse(error.as_json()))]
     finally:
         stream.close()
-    event(logging.INFO, stream.request_id, "stream_done",
-          f"stream from {stream.provider} finished ({stream.finish_reason})",
-          provider=stream.provider, finish_reason=stream.finish_reason)
+    if enabled(logging.INFO):
+        event(logging.INFO, stream.request_id, "stream_done",
+              f"stream from {stream.provider} finished ({stream.finish_reason})",
+              provider=stream.provider, finish_reason=stream.finish_reason)
     return [body_message(_DONE)]
 
 

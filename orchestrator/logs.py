@@ -10,7 +10,8 @@ or JSON lines with ``--log-format json``, where the event's fields appear as key
      "message": "attempt 1 to openai ...", "provider": "openai", "attempt": 1, ...}
 
 Use :func:`event` rather than the logger directly, so both formats get the fields.
-Calls are cheap when the level is disabled (the benchmark runs at WARNING).
+An event a request logs every time is guarded by :func:`enabled`, so that at WARNING
+(the benchmark's level) its message is not even built.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "event", "journey", "NO_REQUEST"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "enabled", "event", "journey", "NO_REQUEST"]
 
 journey = logging.getLogger("orchestrator.journey")
 NO_REQUEST = "-"
@@ -40,6 +41,11 @@ def event(
     """Log one journey event ``name`` with a human ``message`` and structured ``fields``."""
     if logger.isEnabledFor(level):
         logger.log(level, message, extra={"request_id": request_id, "event": name, "fields": fields})
+
+
+def enabled(level: int) -> bool:
+    """Whether journey events at ``level`` are logged (a cached check: cheap)."""
+    return journey.isEnabledFor(level)
 
 
 class TextFormatter(logging.Formatter):

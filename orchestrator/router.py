@@ -47,7 +47,7 @@ from orchestrator.errors import (
     ServiceUnavailable,
     UpstreamClientError,
 )
-from orchestrator.logs import event
+from orchestrator.logs import enabled, event
 from orchestrator.messages import (
     Call,
     Completed,
@@ -300,6 +300,8 @@ class Router:
         journey.network_attempts += 1
         number = journey.network_attempts
         journey.attempts.append(Attempt(number, provider, model, outcome, elapsed, status))
+        if not enabled(INFO):
+            return
         status_text = f" ({status})" if status is not None and outcome != "ok" else ""
         event(INFO, journey.request_id, "attempt",
               f"attempt {number} to {provider} ({model}): {outcome}{status_text} after {elapsed:.3f}s",

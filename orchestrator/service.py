@@ -31,7 +31,7 @@ import trio
 
 from orchestrator.config import Config
 from orchestrator.errors import Attempt, GatewayError, InvalidRequest, ServiceUnavailable
-from orchestrator.logs import event
+from orchestrator.logs import enabled, event
 from orchestrator.router import Journey, Router
 from orchestrator.streaming import ChunkStream
 from orchestrator.validation import ChatRequest, validate_chat_request
@@ -143,9 +143,10 @@ class Orchestrator:
         except GatewayError as error:
             self._log_failure(journey, error)
             raise
-        event(INFO, journey.request_id, "stream_committed",
-              f"streaming from {opened.deployment.provider} after {journey.network_attempts} attempts",
-              provider=opened.deployment.provider)
+        if enabled(INFO):
+            event(INFO, journey.request_id, "stream_committed",
+                  f"streaming from {opened.deployment.provider} after {journey.network_attempts} attempts",
+                  provider=opened.deployment.provider)
         return _CountedChunkStream(self, router=self._router, request=chat, journey=journey, opened=opened)
 
     @asynccontextmanager
@@ -238,6 +239,8 @@ class Orchestrator:
                 retry_after=1,
             )
         self._in_flight += 1
+        if not enabled(INFO):
+            return
         client = f" client={journey.client}" if journey.client else ""
         event(INFO, journey.request_id, "accepted",
               f"request accepted: model={chat.model} stream={str(chat.stream).lower()}"
@@ -245,6 +248,8 @@ class Orchestrator:
               model=chat.model, stream=chat.stream, client=journey.client)
 
     def _log_success(self, journey: Journey, status: int) -> None:
+        if not enabled(INFO):
+            return
         elapsed = trio.current_time() - journey.started
         attempts = journey.network_attempts
         event(INFO, journey.request_id, "done",
