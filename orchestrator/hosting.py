@@ -361,6 +361,7 @@ class _HypercornApp:
 
     def __init__(self, app: ASGIFramework, connection: _Connection | None = None) -> None:
         self.app = app
+        self.connection = connection
         self.extensions: dict[str, Any] = {}
         if connection is not None:
             self.extensions = {
@@ -378,6 +379,8 @@ class _HypercornApp:
     ) -> None:
         if scope["type"] == "http":
             scope["extensions"].update(self.extensions)
+            if self.connection is not None:
+                send = partial(self.connection.send_message, send)
         await self.app(scope, receive, send)
 
 
@@ -399,10 +402,13 @@ class _Connection(TCPServer):
     ``close_if_idle``.
 
     Writes are also fewer: hypercorn hands over a response's head, each body piece and
-    an empty end-of-message as separate writes, each behind a lock, a shielded scope and
-    a socket call. Empty writes are dropped, and a final response's head is held until
-    the next write (its body, or the connection's next event), so a whole small answer
-    leaves in one socket write. Informational heads (``100 Continue``) go at once.
+    the end of the body (empty, or a chunked body's terminator) as separate writes, each
+    behind a lock, a shielded scope and a socket call. Empty writes are dropped; a final
+    response's head is held until the next write (its body, or the connection's next
+    event); and a response's last body piece is held until the end of the body, which
+    hypercorn writes next. So a whole small answer leaves in one socket write, and a
+    stream's last piece and terminator in one: the client reads the end of a stream
+    once, not twice. Informational heads (``100 Continue``) go at once.
     """
 
     def __init__(
@@ -418,7 +424,8 @@ class _Connection(TCPServer):
         self.idle_task = _KeepAlive(self)
         self._registry = registry
         self._reading = trio.CancelScope()
-        self._held_head = b""
+        self._held = b""
+        self._last_piece_next = False
         self._on_disconnect: trio.CancelScope | None = None
         self._idle_deadline = math.inf
         self._waiting: trio.CancelScope | None = None
@@ -485,25 +492,45 @@ class _Connection(TCPServer):
         if self._on_disconnect is not None:
             self._on_disconnect.cancel()
 
+    async def send_message(self, send: ASGISendCallable, message: dict[str, Any]) -> None:
+        """The app's ``send`` (hypercorn's is ``send``): marks a response's last body piece
+        for ``protocol_send`` to hold until the end of the body that follows it."""
+        if message["type"] != "http.response.body" or message.get("more_body", False) or not message.get("body"):
+            await send(message)
+            return
+        self._last_piece_next = True
+        try:
+            await send(message)
+        finally:
+            self._last_piece_next = False
+        if self._held:  # nothing followed it (trailers are still to come): let it go
+            await self._send_held()
+
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
             data = event.data
-            if not data:
+            if not self._held and _is_final_response_head(data):
+                self._held = data
                 return
-            if not self._held_head and _is_final_response_head(data):
-                self._held_head = data
+            if data and self._last_piece_next:
+                self._last_piece_next = False
+                self._held += data
                 return
-            if self._held_head:
-                data, self._held_head = self._held_head + data, b""
-            await super().protocol_send(RawData(data=data))
+            if self._held:
+                data, self._held = self._held + data, b""
+            if data:
+                await super().protocol_send(RawData(data=data))
             return
-        if self._held_head:  # any other event lets a held head go first
-            head, self._held_head = self._held_head, b""
-            await super().protocol_send(RawData(data=head))
+        if self._held:  # any other event lets what is held go first
+            await self._send_held()
         await super().protocol_send(event)
         if isinstance(event, Closed):
             # Our side closed the connection: there is nothing left to read.
             self._reading.cancel()
+
+    async def _send_held(self) -> None:
+        data, self._held = self._held, b""
+        await super().protocol_send(RawData(data=data))
 
     async def abort(self) -> None:
         """Reset the connection: the peer reads ECONNRESET instead of a response.

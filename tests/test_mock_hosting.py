@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 from functools import partial
+from typing import Any
 
 import httpx
 import pytest
 import trio
 import trio.testing
+from hypercorn.events import RawData
+from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
 
 from mock_server import create_app
@@ -186,3 +189,68 @@ def test_a_serving_process_freezes_what_it_imported_and_collects_young_objects_l
     frozen, young, middle, oldest = map(int, subprocess.check_output([sys.executable, "-c", script]).split())
     assert frozen > 10_000  # the imported modules, classes and functions
     assert (young, middle, oldest) == (YOUNG_COLLECTION_THRESHOLD, 10, 10)
+
+
+def pieces_app(*bodies: bytes, length: bool = False):
+    """A plain ASGI app answering every request with ``bodies``, one send each."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        headers = [(b"content-length", str(sum(map(len, bodies))).encode())] if length else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for index, body in enumerate(bodies):
+            await send({"type": "http.response.body", "body": body, "more_body": index < len(bodies) - 1})
+
+    return app
+
+
+@pytest.fixture
+def socket_writes(monkeypatch) -> list[bytes]:
+    """What the server's connections write to their sockets, write by write."""
+    writes: list[bytes] = []
+    original = TCPServer.protocol_send
+
+    async def recording(self: TCPServer, event: object) -> None:
+        if isinstance(event, RawData):
+            writes.append(event.data)
+        await original(self, event)
+
+    monkeypatch.setattr(TCPServer, "protocol_send", recording)
+    return writes
+
+
+@pytest.mark.parametrize(
+    ("bodies", "length", "expected"),
+    [
+        pytest.param((b'{"a":1}',), True, [b'{"a":1}'], id="a small answer: head and body in one write"),
+        pytest.param((b"one", b"two", b"three"), True, [b"one", b"two", b"three"],
+                     id="a body in pieces: the first with the head, the last on its own"),
+        pytest.param((b"data: 1\n\n", b"data: 2\n\n"), False,
+                     [b"9\r\ndata: 1\n\n\r\n", b"9\r\ndata: 2\n\n\r\n0\r\n\r\n"],
+                     id="a chunked stream: the last piece with its terminator"),
+        pytest.param((b"data: 1\n\n", b""), False, [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"],
+                     id="a stream ended by an empty send: the terminator alone"),
+    ],
+)
+async def test_a_response_leaves_in_as_few_writes_as_its_sends_allow(nursery, socket_writes, bodies, length, expected):
+    [url] = await nursery.start(partial(serve, pieces_app(*bodies, length=length)))
+    async with httpx.AsyncClient() as client:
+        for _ in range(2):  # and again on the kept-alive connection
+            socket_writes.clear()
+            response = await client.get(url)
+            assert response.content == b"".join(bodies)
+            head, *rest = socket_writes
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert [head.split(b"\r\n\r\n", 1)[1], *rest] == expected
+
+
+async def test_a_head_request_is_answered_whole(nursery, socket_writes):
+    [url] = await nursery.start(partial(serve, pieces_app(b"body", length=True)))
+    async with httpx.AsyncClient() as client:
+        response = await client.head(url)
+        assert (response.status_code, response.content) == (200, b"")
+        assert (await client.get(url)).content == b"body"
