@@ -493,8 +493,9 @@ class _Connection(TCPServer):
             self._on_disconnect.cancel()
 
     async def send_message(self, send: ASGISendCallable, message: dict[str, Any]) -> None:
-        """The app's ``send`` (hypercorn's is ``send``): marks a response's last body piece
-        for ``protocol_send`` to hold until the end of the body that follows it."""
+        """What the app calls as ``send``: hypercorn's ``send``, with a response's last
+        body piece marked for ``protocol_send`` to hold until the end of the body, which
+        hypercorn writes within the same call."""
         if message["type"] != "http.response.body" or message.get("more_body", False) or not message.get("body"):
             await send(message)
             return

@@ -117,7 +117,9 @@ class UpstreamClient(httpx.AsyncClient):
     so ``send`` skips httpx's machinery for them (about a third of the upstream
     path's cost in the gateway's profile). Everything else is httpx's:
     ``build_request``, ``post``, ``send(stream=True)``, the ``Response`` and its
-    ``aiter_bytes``/``aclose``. Asking ``send`` for auth or redirects is an error.
+    ``aiter_bytes``/``aclose``; a body that needs no decoding is read by the transport
+    in one piece, and ``body_pieces`` iterates one without httpx's layers. Asking
+    ``send`` for auth or redirects is an error.
     """
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport, **options: Any) -> None:
