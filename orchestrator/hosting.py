@@ -379,7 +379,9 @@ class _HypercornApp:
     ) -> None:
         if scope["type"] == "http":
             scope["extensions"].update(self.extensions)
-            if self.connection is not None:
+            if self.connection is not None and scope["http_version"] in ("1.0", "1.1"):
+                # Over HTTP/2 hypercorn's send task writes frames as flow control
+                # allows: a held frame could wait for a window only its delivery opens.
                 send = partial(self.connection.send_message, send)
         await self.app(scope, receive, send)
 
@@ -403,10 +405,11 @@ class _Connection(TCPServer):
 
     Writes are also fewer: hypercorn hands over a response's head, each body piece and
     the end of the body (empty, or a chunked body's terminator) as separate writes, each
-    behind a lock, a shielded scope and a socket call. Empty writes are dropped; a final
-    response's head is held until the next write (its body, or the connection's next
-    event); and a response's last body piece is held until the end of the body, which
-    hypercorn writes next. So a whole small answer leaves in one socket write, and a
+    behind a lock, a shielded scope and a socket call. On HTTP/1.x, empty writes are
+    dropped; a response's head is held until the next write (its body, or the
+    connection's next event); and a response's last body piece is held until the end of
+    the body, which hypercorn writes next (see ``send_message``, which knows both from
+    the app's messages). So a whole small answer leaves in one socket write, and a
     stream's last piece and terminator in one: the client reads the end of a stream
     once, not twice. Informational heads (``100 Continue``) go at once.
     """
@@ -425,7 +428,7 @@ class _Connection(TCPServer):
         self._registry = registry
         self._reading = trio.CancelScope()
         self._held = b""
-        self._last_piece_next = False
+        self._hold_next = False
         self._on_disconnect: trio.CancelScope | None = None
         self._idle_deadline = math.inf
         self._waiting: trio.CancelScope | None = None
@@ -493,33 +496,35 @@ class _Connection(TCPServer):
             self._on_disconnect.cancel()
 
     async def send_message(self, send: ASGISendCallable, message: dict[str, Any]) -> None:
-        """What the app calls as ``send``: hypercorn's ``send``, with a response's last
-        body piece marked for ``protocol_send`` to hold until the end of the body, which
-        hypercorn writes within the same call."""
-        if message["type"] != "http.response.body" or message.get("more_body", False) or not message.get("body"):
+        """What the app calls as ``send`` on HTTP/1.x: hypercorn's ``send``, with the
+        write it makes held back when more of the response is sure to follow.
+
+        A response's head (``http.response.start``) waits for the next write, normally
+        its body's first piece. A last body piece waits for the end of the body (a
+        chunked body's terminator, or an empty write), which hypercorn makes in the
+        same call; what is still held when that call ends or fails goes then.
+        """
+        kind = message["type"]
+        last_piece = kind == "http.response.body" and not message.get("more_body", False) and bool(message.get("body"))
+        if kind != "http.response.start" and not last_piece:
             await send(message)
             return
-        self._last_piece_next = True
+        self._hold_next = True
         try:
             await send(message)
         finally:
-            self._last_piece_next = False
-        if self._held:  # nothing followed it (trailers are still to come): let it go
-            await self._send_held()
+            self._hold_next = False
+            if last_piece and self._held:
+                await self._send_held()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
-            data = event.data
-            if not self._held and _is_final_response_head(data):
+            data = self._held + event.data if self._held else event.data
+            self._held = b""
+            if self._hold_next:  # see send_message
+                self._hold_next = False
                 self._held = data
-                return
-            if data and self._last_piece_next:
-                self._last_piece_next = False
-                self._held += data
-                return
-            if self._held:
-                data, self._held = self._held + data, b""
-            if data:
+            elif data:
                 await super().protocol_send(RawData(data=data))
             return
         if self._held:  # any other event lets what is held go first
@@ -564,8 +569,3 @@ class _KeepAlive:
     async def stop(self) -> None:
         """A request is in progress."""
         self._connection.busy()
-
-
-def _is_final_response_head(data: bytes) -> bool:
-    """``HTTP/1.1 200 ...``: a response head whose status is not informational (1xx)."""
-    return data.startswith(b"HTTP/1.") and data[9:10] not in (b"1", b"")

@@ -9,6 +9,10 @@ import time
 from functools import partial
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import httpx
 import pytest
 import trio
@@ -229,6 +233,8 @@ def socket_writes(monkeypatch) -> list[bytes]:
         pytest.param((b'{"a":1}',), True, [b'{"a":1}'], id="a small answer: head and body in one write"),
         pytest.param((b"one", b"two", b"three"), True, [b"one", b"two", b"three"],
                      id="a body in pieces: the first with the head, the last on its own"),
+        pytest.param((b"one", b"HTTP/1.1 200 OK", b"three"), True, [b"one", b"HTTP/1.1 200 OK", b"three"],
+                     id="a body piece that looks like a head is not held"),
         pytest.param((b"data: 1\n\n", b"data: 2\n\n"), False,
                      [b"9\r\ndata: 1\n\n\r\n", b"9\r\ndata: 2\n\n\r\n0\r\n\r\n"],
                      id="a chunked stream: the last piece with its terminator"),
@@ -248,9 +254,65 @@ async def test_a_response_leaves_in_as_few_writes_as_its_sends_allow(nursery, so
             assert [head.split(b"\r\n\r\n", 1)[1], *rest] == expected
 
 
-async def test_a_head_request_is_answered_whole(nursery, socket_writes):
+async def test_a_head_request_is_answered_whole_in_one_write(nursery, socket_writes):
     [url] = await nursery.start(partial(serve, pieces_app(b"body", length=True)))
     async with httpx.AsyncClient() as client:
         response = await client.head(url)
         assert (response.status_code, response.content) == (200, b"")
+        assert len(socket_writes) == 1
         assert (await client.get(url)).content == b"body"
+
+
+async def test_what_a_failed_last_send_leaves_is_written_at_once(nursery):
+    # A body shorter than its Content-Length: h11 refuses the end of the body. What
+    # the app did send must reach the client while the app is still running.
+    failed, received = trio.Event(), trio.Event()
+
+    async def short_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await pieces_app()(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
+        with pytest.raises(Exception, match="Too little data"):
+            await send({"type": "http.response.body", "body": b"abc"})
+        failed.set()
+        await received.wait()
+
+    [url] = await nursery.start(partial(serve, short_body))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    data = b""
+    with trio.fail_after(5):
+        while not data.endswith(b"abc"):
+            data += await stream.receive_some(65536)
+    received.set()
+    assert failed.is_set()
+    assert data.startswith(b"HTTP/1.1 200 ")
+    await stream.aclose()
+
+
+async def test_http2_responses_are_not_held(nursery):
+    # Over HTTP/2 (here cleartext, with prior knowledge) a client with a 10-byte flow
+    # control window must get a 100-byte body frame by frame: a frame held back for a
+    # write that only its delivery would allow never comes.
+    [url] = await nursery.start(partial(serve, pieces_app(b"x" * 100)))
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10}
+    )
+    connection.initiate_connection()
+    connection.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")],
+                            end_stream=True)
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(connection.data_to_send())
+    body, ended = b"", False
+    with trio.fail_after(5):
+        while not ended:
+            for event in connection.receive_data(await stream.receive_some(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                ended = ended or isinstance(event, h2.events.StreamEnded)
+            await stream.send_all(connection.data_to_send())
+    assert body == b"x" * 100
+    await stream.aclose()
