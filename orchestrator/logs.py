@@ -43,9 +43,9 @@ def event(
         logger.log(level, message, extra={"request_id": request_id, "event": name, "fields": fields})
 
 
-def enabled(level: int) -> bool:
-    """Whether journey events at ``level`` are logged (a cached check: cheap)."""
-    return journey.isEnabledFor(level)
+def enabled(level: int, logger: logging.Logger = journey) -> bool:
+    """Whether :func:`event` logs at ``level`` to ``logger`` (a cached check: cheap)."""
+    return logger.isEnabledFor(level)
 
 
 class TextFormatter(logging.Formatter):

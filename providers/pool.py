@@ -342,7 +342,7 @@ class _Body(httpx.AsyncByteStream):
         self._length: int | None = None
         self._chunked = False
         self._keep_alive = http_version == 1
-        #: No ``Content-Encoding``: the bytes read are the body (see :func:`body_pieces`).
+        #: No ``Content-Encoding`` (or only ``identity``): the bytes read are the body.
         self.identity = True
         transfer_encoding = b""
         lengths = set()

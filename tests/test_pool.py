@@ -202,9 +202,26 @@ async def test_a_stream_closed_early_gives_its_slot_back():
         assert server.connections == 2
 
 
-async def test_a_body_read_whole_leaves_the_response_as_aread_would():
-    async with serving(reply(OK)) as server, client() as upstream:
+@pytest.fixture
+def httpx_reads(monkeypatch) -> list[httpx.Response]:
+    """The responses whose body httpx's ``aread`` read."""
+    reads: list[httpx.Response] = []
+    original = httpx.Response.aread
+
+    async def recording(self: httpx.Response) -> bytes:
+        reads.append(self)
+        return await original(self)
+
+    monkeypatch.setattr(httpx.Response, "aread", recording)
+    return reads
+
+
+@pytest.mark.parametrize("encoding", [b"", b"content-encoding: identity\r\n"], ids=["none", "identity"])
+async def test_a_body_read_whole_leaves_the_response_as_aread_would(httpx_reads, encoding):
+    answer = reply(b"HTTP/1.1 200 OK\r\n" + encoding + b'content-length: 11\r\n\r\n{"ok":true}')
+    async with serving(answer) as server, client() as upstream:
         response = await upstream.post(server.url, content=b"")
+        assert not httpx_reads  # read by the transport, in one piece
         assert response.is_closed and response.is_stream_consumed
         assert response.content == await response.aread() == b'{"ok":true}'
         assert response.num_bytes_downloaded == 11
@@ -213,14 +230,16 @@ async def test_a_body_read_whole_leaves_the_response_as_aread_would():
         assert server.connections == 1
 
 
+@pytest.mark.parametrize("encoding", [b"gzip", b"GZIP", b"identity, gzip"])
 @pytest.mark.parametrize("chunked", [False, True])
-async def test_a_compressed_body_is_decoded_whole_and_streamed(chunked):
+async def test_a_compressed_body_is_decoded_whole_and_streamed(httpx_reads, chunked, encoding):
     packed = gzip.compress(b'{"ok":true}')
     framing = b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed) if chunked \
         else b"content-length: %d\r\n\r\n%s" % (len(packed), packed)
-    answer = reply(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\n" + framing)
+    answer = reply(b"HTTP/1.1 200 OK\r\ncontent-encoding: " + encoding + b"\r\n" + framing)
     async with serving(answer) as server, client() as upstream:
         assert (await upstream.post(server.url, content=b"")).json() == {"ok": True}
+        assert len(httpx_reads) == 1  # through httpx, which decodes
         response = await upstream.send(upstream.build_request("POST", server.url, content=b""), stream=True)
         try:
             assert b"".join([piece async for piece in body_pieces(response)]) == b'{"ok":true}'
