@@ -50,12 +50,15 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import repr_socket_addr
 from quart_trio.asgi import TrioASGIHTTPConnection
+
+from .http1 import Http1Protocol
 
 __all__ = [
     "ABORT_EXTENSION",
@@ -475,6 +478,14 @@ class _Connection(TCPServer):
     async def _read_data(self) -> None:
         # hypercorn's loop, with the keep-alive deadline on each read instead of its
         # ``fail_after(read_timeout)`` (``hypercorn_config`` sets no read timeout).
+        wrapper = self.protocol
+        if isinstance(wrapper.protocol, H11Protocol):
+            # HTTP/1.1 through llhttp (see ``http1``); hypercorn's ProtocolWrapper still
+            # switches to HTTP/2 when Http1Protocol hands an upgrade to H11Protocol.
+            wrapper.protocol = Http1Protocol(
+                wrapper.app, wrapper.config, wrapper.context, wrapper.task_group, wrapper.state,
+                wrapper.ssl, wrapper.client, wrapper.server, wrapper.send,
+            )
         with self._reading:
             while True:
                 waiting = self._waiting = trio.CancelScope(deadline=self._idle_deadline)
