@@ -39,6 +39,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import signal
 import socket
 import struct
@@ -435,6 +436,7 @@ class _Connection(TCPServer):
         self._on_disconnect: trio.CancelScope | None = None
         self._idle_deadline = math.inf
         self._waiting: trio.CancelScope | None = None
+        self._socket = getattr(stream, "socket", None)  # a TLS stream has none: no direct writes
 
     async def run(self) -> None:
         self._registry.add(self)
@@ -536,7 +538,7 @@ class _Connection(TCPServer):
                 self._hold_next = False
                 self._held = data
             elif data:
-                await super().protocol_send(RawData(data=data))
+                await self._write(data)
             return
         if self._held:  # any other event lets what is held go first
             await self._send_held()
@@ -547,6 +549,30 @@ class _Connection(TCPServer):
 
     async def _send_held(self) -> None:
         data, self._held = self._held, b""
+        await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        """Write ``data`` to the socket, after anything already being written.
+
+        hypercorn's write takes a lock, enters a shielded cancel scope and goes through
+        trio's ``send_all``: about a tenth of a small request's CPU. When no other write
+        is under way, the bytes go straight to the socket instead, and when it takes
+        them all (a response into an empty send buffer: nearly always) that is the whole
+        write. Like hypercorn's, it raises ``Cancelled`` in a cancelled scope before
+        writing anything, and cannot be cancelled halfway. What the socket does not take,
+        and any error, goes hypercorn's way.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self.send_lock.locked() and self._socket is not None:
+            try:
+                # Asked afresh each time: a closed socket says -1 (EBADF below), while a
+                # number kept from before could by now name another client's socket.
+                sent = os.write(self._socket.fileno(), data)
+            except OSError:  # would block, or the connection is gone: hypercorn handles it
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         await super().protocol_send(RawData(data=data))
 
     async def abort(self) -> None:

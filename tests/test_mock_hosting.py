@@ -17,12 +17,10 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from hypercorn.events import RawData
-from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
 
 from mock_server import create_app
-from orchestrator.hosting import YOUNG_COLLECTION_THRESHOLD, ShieldedHTTPConnection, serve
+from orchestrator.hosting import YOUNG_COLLECTION_THRESHOLD, ShieldedHTTPConnection, _Connection, serve
 
 
 def gated_app() -> tuple[QuartTrio, trio.Event, trio.Event]:
@@ -216,14 +214,13 @@ def pieces_app(*bodies: bytes, length: bool = False):
 def socket_writes(monkeypatch) -> list[bytes]:
     """What the server's connections write to their sockets, write by write."""
     writes: list[bytes] = []
-    original = TCPServer.protocol_send
+    original = _Connection._write
 
-    async def recording(self: TCPServer, event: object) -> None:
-        if isinstance(event, RawData):
-            writes.append(event.data)
-        await original(self, event)
+    async def recording(self: _Connection, data: bytes) -> None:
+        writes.append(data)
+        await original(self, data)
 
-    monkeypatch.setattr(TCPServer, "protocol_send", recording)
+    monkeypatch.setattr(_Connection, "_write", recording)
     return writes
 
 
@@ -252,6 +249,19 @@ async def test_a_response_leaves_in_as_few_writes_as_its_sends_allow(nursery, so
             head, *rest = socket_writes
             assert head.startswith(b"HTTP/1.1 200 ")
             assert [head.split(b"\r\n\r\n", 1)[1], *rest] == expected
+
+
+async def test_a_long_answer_to_a_slow_reader_arrives_whole_and_in_order(nursery):
+    # Far more than the socket buffers take: writes wait for the reader, and the ones
+    # after them must queue behind, not jump ahead through the direct path.
+    pieces = [bytes([65 + index % 26]) * 256 * 1024 for index in range(32)]
+    [url] = await nursery.start(partial(serve, pieces_app(*pieces, length=True)))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    await trio.sleep(0.2)  # let the server fill the socket buffers before we read
+    with trio.fail_after(10):
+        data = await read_until_closed(stream)
+    assert data.split(b"\r\n\r\n", 1)[1] == b"".join(pieces)
 
 
 async def test_a_head_request_is_answered_whole_in_one_write(nursery, socket_writes):
