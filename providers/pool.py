@@ -15,7 +15,7 @@ is parsed in place::
                       │ idle stack of the origin ─ pop; stale (readable, expired)? close, pop again
                       │   empty: connect (TCP, TLS with the shared SSL context) under the
                       │          request's connect timeout
-                      │ head + body in one send_all
+                      │ head + body in one write, straight to the socket when it takes them
                       v
                     status line and headers parsed ──► httpx.Response(stream=_Body)
                                                         │ Content-Length, chunked, or to EOF
@@ -36,6 +36,7 @@ httpcore pool; with O(1) checkout the shard count no longer matters for speed.
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -186,10 +187,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         body: _Body | None = None
         try:
             connection = await self._connection(request)
-            try:
-                await connection.stream.send_all(payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-                raise httpx.WriteError(f"connection lost while sending: {error}", request=request) from None
+            await connection.send(payload, request)
             status, reason, headers, http_version = await connection.read_head(request)
             body = _Body(self, connection, request, status, headers, http_version)
         finally:
@@ -243,6 +241,7 @@ class _Connection:
         self.origin = origin
         self.stream = stream
         self.socket = socket
+        self.cleartext = isinstance(stream, trio.SocketStream)
         self.buffer = bytearray()
         self.idle_since = 0.0
 
@@ -280,6 +279,24 @@ class _Connection:
     def close(self) -> None:
         """Close at once, without a TLS goodbye (the connection may be mid-response)."""
         self.socket.close()
+
+    async def send(self, data: bytes, request: httpx.Request) -> None:
+        """Write ``data``. A cleartext request the socket takes whole (nearly every one)
+        goes straight to it, without ``send_all``'s scopes and wake-ups; what it does
+        not take, and anything over TLS, goes through ``send_all``. Like ``send_all``,
+        raises ``Cancelled`` before writing anything if the caller's scope is cancelled.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            if self.cleartext:
+                try:
+                    data = data[os.write(self.socket.fileno(), data):]
+                except BlockingIOError:
+                    pass  # the send buffer is full: send_all waits for room
+            if data:
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise httpx.WriteError(f"connection lost while sending: {error}", request=request) from None
 
     async def receive(self, request: httpx.Request) -> bool:
         """Read more into the buffer; False at end of file."""

@@ -50,6 +50,13 @@ async def test_one_write_per_request_and_keep_alive_reuse():
         assert request.endswith(b'\r\n\r\n{"a":1}')
 
 
+async def test_a_request_larger_than_the_socket_takes_at_once_arrives_whole():
+    body = bytes(range(256)) * (16 * 1024)  # 4 MiB: part goes straight out, the rest by send_all
+    async with serving(reply(OK)) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=body)).status_code == 200
+        assert server.received[0].endswith(b"\r\n\r\n" + body)
+
+
 async def test_a_chunked_stream_arrives_piece_by_piece_with_extensions_and_trailers():
     pieces = (
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n",
