@@ -31,6 +31,10 @@ What it adds to ``hypercorn.trio.serve``:
   prompt cancellation for a handler without a task parked on ``receive()`` for
   ``http.disconnect`` (a task costs its spawn, its wake-up and its exit, on every
   request).
+- HTTP/1.1 is parsed by llhttp and framed by :mod:`orchestrator.http1` instead of h11
+  (HTTP/2 and upgrades are still hypercorn's own), and a write goes straight to the
+  socket when no other is under way: together about a quarter of a small request's
+  CPU, in the gateway and in the mock.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def hypercorn_config(
 
     ``graceful_timeout`` is how long in-flight requests may run after shutdown starts;
     ``keep_alive_timeout`` is how long an idle kept-alive connection stays open;
-    ``max_header_bytes`` bounds a request's head (h11 answers 431 past it). The access
+    ``max_header_bytes`` bounds a request's head (431 past it). The access
     log is off (it costs a line per request), and hypercorn's own errors go to the
     ``hypercorn.error`` logger so that the caller's logging configuration applies.
     """
@@ -396,8 +400,8 @@ class _Connection(TCPServer):
     connection does.
 
     When a client sends its next request before the current one is answered (wrk does,
-    any pipelining client does), h11 pauses and hypercorn's read loop waits inside the
-    protocol for the current cycle to end. If the server then closes the connection
+    any pipelining client does), the read loop waits inside the protocol for the
+    current cycle to end. If the server then closes the connection
     instead of starting the next cycle (shutting down, ``Connection: close``), nothing
     wakes that wait again: the connection task lingers until the grace period cancels
     it, so a graceful shutdown under keep-alive load took the whole grace period. Here
