@@ -299,9 +299,22 @@ class _Connection:
             raise httpx.WriteError(f"connection lost while sending: {error}", request=request) from None
 
     async def receive(self, request: httpx.Request) -> bool:
-        """Read more into the buffer; False at end of file."""
+        """Read more into the buffer; False at end of file.
+
+        Over cleartext, bytes already waiting are read straight from the socket, without
+        ``receive_some``'s context managers and trip through the scheduler (so it is not
+        a checkpoint then: the caller's next wait is); otherwise it waits for some.
+        """
         try:
-            data = await self.stream.receive_some(RECEIVE_BYTES)
+            if self.cleartext:
+                while True:
+                    try:
+                        data = os.read(self.socket.fileno(), RECEIVE_BYTES)
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(self.socket)
+            else:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise httpx.ReadError(f"connection lost while reading: {error}", request=request) from None
         self.buffer += data

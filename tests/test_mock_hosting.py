@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import email.utils
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,7 +22,13 @@ import trio.testing
 from quart_trio import QuartTrio
 
 from mock_server import create_app
-from orchestrator.hosting import YOUNG_COLLECTION_THRESHOLD, ShieldedHTTPConnection, _Connection, serve
+from orchestrator.hosting import (
+    DISCONNECT_EXTENSION,
+    YOUNG_COLLECTION_THRESHOLD,
+    ShieldedHTTPConnection,
+    _Connection,
+    serve,
+)
 
 
 def gated_app() -> tuple[QuartTrio, trio.Event, trio.Event]:
@@ -262,6 +270,31 @@ async def test_a_long_answer_to_a_slow_reader_arrives_whole_and_in_order(nursery
     with trio.fail_after(10):
         data = await read_until_closed(stream)
     assert data.split(b"\r\n\r\n", 1)[1] == b"".join(pieces)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_a_client_leaving_mid_request_cancels_it_at_once(nursery, reset):
+    entered, cancelled = trio.Event(), trio.Event()
+
+    async def waits_forever(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await pieces_app()(scope, receive, send)
+            return
+        with trio.CancelScope() as cancel_scope:
+            scope["extensions"][DISCONNECT_EXTENSION](cancel_scope)
+            entered.set()
+            await trio.sleep_forever()
+        cancelled.set()
+
+    [url] = await nursery.start(partial(serve, waits_forever))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    with trio.fail_after(5):
+        await entered.wait()
+        if reset:  # SO_LINGER 0: close() sends RST, the server reads ECONNRESET
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        await cancelled.wait()
 
 
 async def test_a_head_request_is_answered_whole_in_one_write(nursery, socket_writes):
