@@ -40,11 +40,20 @@ async def read_body(
     """
     if limit is not None and declared is not None and int(declared) > limit:
         raise _too_large(limit)
+    message = _already_received(receive)
+    if message is not None and message["type"] == "http.request" and not message.get("more_body", False):
+        # The whole body, here before we asked (nearly always, with orchestrator.http1):
+        # no timeout to set, no cancel scope to enter.
+        body = message.get("body", b"")
+        if limit is not None and len(body) > limit:
+            raise _too_large(limit)
+        return body
     pieces: list[bytes] = []
     size = 0
     with trio.move_on_after(math.inf if timeout is None else timeout):
         while True:
-            message = await receive()
+            if message is None:
+                message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             piece = message.get("body", b"")
@@ -54,7 +63,20 @@ async def read_body(
             pieces.append(piece)
             if not message.get("more_body", False):
                 return b"".join(pieces)
+            message = None
     raise BodyTimeout(f"The request body did not arrive within {timeout:g} s.")
+
+
+def _already_received(receive: ASGIReceiveCallable) -> Message | None:
+    """The message ``receive`` would return at once, if there is one and ``receive`` can
+    tell without waiting (hypercorn's is a trio memory channel's); else None."""
+    channel = getattr(receive, "__self__", None)
+    if not isinstance(channel, trio.MemoryReceiveChannel):
+        return None
+    try:
+        return channel.receive_nowait()
+    except trio.WouldBlock:
+        return None
 
 
 async def until_disconnect(

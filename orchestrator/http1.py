@@ -251,8 +251,16 @@ class Http1Protocol:
                 stream = self._delivering = self.stream
                 if stream is not None:
                     try:
-                        await stream.handle(Body(stream_id=STREAM_ID, data=item) if item is not _END
-                                            else EndBody(stream_id=STREAM_ID))
+                        if item is _END:
+                            await stream.handle(EndBody(stream_id=STREAM_ID))
+                        elif parsed and parsed[0] is _END and not stream.closed:
+                            # The body's last piece and its end in one message, as
+                            # HTTPStream would send them in two: the app reads the body
+                            # at once, in one wake-up instead of two.
+                            del parsed[0]
+                            await stream.app_put({"type": "http.request", "body": item, "more_body": False})
+                        else:
+                            await stream.handle(Body(stream_id=STREAM_ID, data=item))
                     finally:
                         self._delivering = None
             elif isinstance(item, _RequestHead):

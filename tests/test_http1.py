@@ -158,6 +158,23 @@ async def test_no_body_for_head_204_and_304(echo, request_line, status):
     assert body == b""
 
 
+async def test_a_body_that_arrived_whole_reaches_the_app_in_one_message(nursery):
+    received: list[dict[str, Any]] = []
+
+    async def recorder(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await EchoApp()(scope, receive, send)
+            return
+        while not received or received[-1].get("more_body"):
+            received.append(await receive())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    [url] = await nursery.start(partial(serve, recorder))
+    await exchange(url, b"POST / HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello")
+    assert received == [{"type": "http.request", "body": b"hello", "more_body": False}]
+
+
 async def test_requests_on_a_kept_alive_connection_and_a_chunked_request_body(echo):
     url, _ = await echo()
     data = await exchange(
