@@ -9,6 +9,7 @@ import h2.config
 import h2.connection
 import pytest
 import trio
+from hypercorn.config import Config
 
 from orchestrator.hosting import serve
 
@@ -188,6 +189,24 @@ async def test_requests_on_a_kept_alive_connection_and_a_chunked_request_body(ec
     )
     bodies = [body for _, _, body in split_responses(data)]
     assert bodies == [b"POST /1 one", b"POST /2 two three", b"GET /3 "]
+
+
+async def test_a_connection_closes_after_keep_alive_max_requests(echo, monkeypatch):
+    monkeypatch.setattr(Config, "keep_alive_max_requests", 2)
+    url, app = await echo()
+    data = await exchange(url, [b"GET /%d HTTP/1.1\r\nhost: x\r\n\r\n" % index for index in range(3)])
+    responses = split_responses(data)  # returns once the server has closed
+    assert [body for _, _, body in responses] == [b"GET /0 ", b"GET /1 "]
+    assert b"connection" not in responses[0][1] and responses[1][1][b"connection"] == [b"close"]
+    assert app.log == ["start /0", "end /0", "start /1", "end /1"]
+
+
+async def test_an_app_that_says_connection_close_gets_it_once_and_the_connection_closes(echo):
+    url, app = await echo(headers=[(b"Connection", b"close")])
+    data = await exchange(url, [b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n", b"GET /2 HTTP/1.1\r\nhost: x\r\n\r\n"])
+    [(_, headers, body)] = split_responses(data)
+    assert body == b"GET /1 " and headers[b"connection"] == [b"close"]
+    assert app.log == ["start /1", "end /1"]
 
 
 async def test_pipelined_requests_are_served_one_after_another_in_order(echo):
