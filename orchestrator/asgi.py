@@ -15,6 +15,7 @@ from typing import Any
 import trio
 from hypercorn.typing import ASGIReceiveCallable, HTTPScope
 
+from orchestrator.appqueue import AppQueue
 from orchestrator.errors import BodyTimeout, BodyTooLarge
 from orchestrator.hosting import DISCONNECT_EXTENSION
 
@@ -69,12 +70,13 @@ async def read_body(
 
 def _already_received(receive: ASGIReceiveCallable) -> Message | None:
     """The message ``receive`` would return at once, if there is one and ``receive`` can
-    tell without waiting (hypercorn's is a trio memory channel's); else None."""
-    channel = getattr(receive, "__self__", None)
-    if not isinstance(channel, trio.MemoryReceiveChannel):
+    tell without waiting (an ``AppQueue``'s, or hypercorn's trio memory channel's);
+    else None."""
+    queue = getattr(receive, "__self__", None)
+    if not isinstance(queue, AppQueue | trio.MemoryReceiveChannel):
         return None
     try:
-        return channel.receive_nowait()
+        return queue.receive_nowait()
     except trio.WouldBlock:
         return None
 

@@ -55,6 +55,8 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
 
+from orchestrator.appqueue import AppQueue, AppSpawner
+
 __all__ = ["Http1Protocol", "LocalProtocolError"]
 
 STREAM_ID = 1
@@ -124,7 +126,7 @@ class Http1Protocol:
     ``handle`` blocks) and the stream calls ``stream_send``. Neither spawns a task.
 
     ``handle`` blocks while a pipelined request waits for the response before it, and
-    while the app is slow to take its body (hypercorn's per-request queue is bounded).
+    while the app is slow to take its body (its request's ``AppQueue`` is bounded).
     """
 
     # One per connection, so kept small: slots, not a dict of some thirty attributes.
@@ -132,9 +134,9 @@ class Http1Protocol:
         "_after_last_request", "_closed", "_cycle_ended", "_delivering", "_fallback", "_framing",
         "_head_bytes", "_head_fed", "_headers", "_in_head", "_keep_alive", "_keep_alive_asked",
         "_max_head", "_method", "_must_close", "_parsed", "_parser", "_preamble", "_remaining",
-        "_requests_parsed", "_response_complete", "_target", "_version", "app", "client", "config",
-        "connection_state", "context", "keep_alive_requests", "send", "server", "ssl", "stream",
-        "task_group",
+        "_requests_parsed", "_response_complete", "_spawner", "_target", "_version", "app",
+        "client", "config", "connection_state", "context", "keep_alive_requests", "send",
+        "server", "ssl", "stream", "task_group",
     )
 
     def __init__(
@@ -153,6 +155,7 @@ class Http1Protocol:
         self.config = config
         self.context = context
         self.task_group = task_group
+        self._spawner = AppSpawner(task_group)  # each request's messages on an AppQueue
         self.connection_state = connection_state
         self.ssl = ssl
         self.client = client
@@ -310,7 +313,7 @@ class Http1Protocol:
             self.app,
             self.config,
             self.context,
-            self.task_group,
+            self._spawner,
             self.ssl,
             self.client,
             self.server,
@@ -495,8 +498,7 @@ class Http1Protocol:
         if stream is None:
             return
         queue = _app_queue(stream)
-        statistics = queue.statistics() if queue is not None else None
-        if statistics is not None and statistics.current_buffer_used >= statistics.max_buffer_size:
+        if queue is not None and queue.full:
             # The app stopped taking messages: ``http.disconnect`` would wait for room
             # forever, and this runs in the app's own last send.
             stream.closed = True
@@ -504,20 +506,20 @@ class Http1Protocol:
             await stream.handle(StreamClosed(stream_id=STREAM_ID))
 
 
-def _app_queue(stream: HTTPStream) -> trio.MemorySendChannel[Any] | None:
-    """The channel hypercorn queues a request's ASGI messages on (``app_put`` is its send)."""
-    channel = getattr(stream.app_put, "__self__", None)
-    return channel if isinstance(channel, trio.MemorySendChannel) else None
+def _app_queue(stream: HTTPStream) -> AppQueue | None:
+    """The queue of a request's ASGI messages (``app_put`` is its ``send``)."""
+    queue = getattr(stream.app_put, "__self__", None)
+    return queue if isinstance(queue, AppQueue) else None
 
 
 def _waiting_for_room(stream: HTTPStream | None) -> bool:
     """Whether the read loop is parked delivering to ``stream`` because the app stopped
-    taking its body (hypercorn's queue per request is full): it would never wake, so the
+    taking its body (the request's queue is full): it would never wake, so the
     connection must close rather than serve another request."""
     if stream is None:
         return False
     queue = _app_queue(stream)
-    return queue is None or queue.statistics().tasks_waiting_send > 0
+    return queue is None or queue.senders_waiting > 0
 
 
 def _head(status: int, headers: list[tuple[bytes, bytes]], config: Config) -> bytes:
