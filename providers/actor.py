@@ -240,11 +240,18 @@ class ProviderActor:
         slot = _Slot(admission, call.request_id)
         verdict: Verdict_ = None
         try:
-            with call.reply, call.scope:
-                if call.stream:
-                    verdict = await self._stream(call, pool.next(), slot)
-                else:
-                    verdict = await self._complete(call, pool.next())
+            with call.reply:
+                with call.scope:
+                    if call.stream:
+                        verdict = await self._stream(call, pool.next(), slot)
+                    else:
+                        verdict = await self._complete(call, pool.next(), slot)
+                silence = slot.silence
+                if call.scope.cancelled_caught and silence is not None and trio.current_time() >= silence[3]:
+                    # The attempt's own deadline, on the call's scope, has passed (not
+                    # the requester giving up, which is no failure of the provider's).
+                    what, own, started, _ = silence
+                    verdict = _reply(call, _silence(own, what, trio.current_time() - started))
         finally:
             self._release(slot, verdict)
 
@@ -290,22 +297,25 @@ class ProviderActor:
             logger.exception("%s could not translate a request", self.config.name, extra={"request_id": call.request_id})
             return Failed(ErrorClass.UNSUPPORTED, f"the gateway could not translate this request for {self.config.name}", 0.0)
 
-    async def _complete(self, call: Call, client: httpx.AsyncClient) -> Verdict_:
+    async def _complete(self, call: Call, client: httpx.AsyncClient, slot: _Slot) -> Verdict_:
+        """One non-streaming attempt. Its deadline is put on ``call.scope``, which
+        ``_attempt`` has entered, rather than on a scope of its own (one fewer per
+        call): past it, the call is cancelled and ``_attempt`` replies with the silence
+        noted in ``slot``. Nothing after the answer arrives is a checkpoint, so an
+        answer in time is never cut by the deadline passing just after it."""
         started = trio.current_time()
         upstream = self._translate(call)
         if isinstance(upstream, Failed):
             return _reply(call, upstream)
         deadline, own = self._deadline(started, self.config.timeouts.attempt, call.deadline)
-        outcome: Outcome | None = None
-        with trio.move_on_at(deadline):
-            try:
-                response = await client.send(self._http_request(upstream))
-            except httpx.TransportError as error:
-                outcome = _transport_failure(error, trio.current_time() - started)
-            else:
-                outcome = self._answer(response.status_code, response.headers, response.content, started, call.body)
-        if outcome is None:
-            outcome = _silence(own, "no response", trio.current_time() - started)
+        slot.silence = ("no response", own, started, deadline)
+        call.scope.deadline = deadline
+        try:
+            response = await client.send(self._http_request(upstream))
+        except httpx.TransportError as error:
+            outcome = _transport_failure(error, trio.current_time() - started)
+        else:
+            outcome = self._answer(response.status_code, response.headers, response.content, started, call.body)
         return _reply(call, outcome)
 
     def _answer(
@@ -538,6 +548,9 @@ class _Slot:
     admission: Admission
     request_id: str
     held: bool = True
+    #: While the attempt waits under a deadline on ``call.scope``: what it waits for,
+    #: whether the deadline is the provider's own timeout, when it started, the deadline.
+    silence: tuple[str, bool, float, float] | None = None
 
 
 class _StreamReader:

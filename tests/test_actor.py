@@ -357,3 +357,38 @@ async def test_a_stream_silent_before_its_first_token_is_a_failed_attempt_at_the
     assert failed.error_class is ErrorClass.SILENT and failed.status == 200  # the head had come
     assert "no stream data" in failed.message
     assert trio.current_time() - started == pytest.approx(timeout)
+
+
+async def test_an_answer_later_than_the_attempt_timeout_is_silence_at_that_instant(
+    autojump_clock, nursery, transport, mock_state
+):
+    attempt = CONFIG.provider("openai").timeouts.attempt
+    mock_state.configure(FaultProfile(latency_ms=int(attempt * 1000) + 5000))
+    actor = await start(nursery, transport)
+    started = trio.current_time()
+    outcome, scope = await ask(actor)
+    assert trio.current_time() == pytest.approx(started + attempt)
+    assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.SILENT
+    assert outcome.message == "no response within the provider's timeout"
+    assert outcome.elapsed == pytest.approx(attempt)
+    assert (await actor.snapshot()).consecutive_failures == 1  # silence counts against it
+    # The request's deadline, when it comes first, is the request's: no provider failure.
+    outcome, _ = await ask(actor, deadline=attempt / 2)
+    assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.DEADLINE
+    assert outcome.message == "no response before the request's deadline"
+    assert (await actor.snapshot()).consecutive_failures == 1
+
+
+async def test_a_requester_that_gives_up_is_not_a_failure_of_the_provider(
+    autojump_clock, nursery, transport, mock_state
+):
+    mock_state.configure(FaultProfile(latency_ms=5000))
+    actor = await start(nursery, transport)
+    message, reply = call()
+    assert actor.submit(message)
+    await trio.sleep(1)
+    message.scope.cancel()  # without abandoning the reply first
+    with pytest.raises(trio.EndOfChannel):
+        await reply.receive()  # closed, with no outcome in it
+    snapshot = await actor.snapshot()
+    assert snapshot.totals == {"cancelled": 1} and snapshot.consecutive_failures == 0
