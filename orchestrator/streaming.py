@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +49,9 @@ class ChunkStream:
         self._deployment = opened.deployment
         self._scope = opened.scope
         stream = opened.outcome
-        self._head: deque[dict[str, Any]] = deque(stream.head)  # type: ignore[union-attr]
+        # Chunks before the commit point, a few at most: a list (a deque's first block
+        # alone is about 600 bytes, held by every stream).
+        self._head: list[dict[str, Any]] = list(stream.head)  # type: ignore[union-attr]
         self._chunks: trio.MemoryReceiveChannel[StreamItem] = stream.chunks  # type: ignore[union-attr]
         first = self._head[0] if self._head else {}
         self.id: str = first.get("id") or f"chatcmpl-{journey.request_id}"
@@ -91,7 +92,7 @@ class ChunkStream:
     async def __anext__(self) -> dict[str, Any]:
         while True:
             if self._head:
-                return self._present(self._head.popleft())
+                return self._present(self._head.pop(0))
             if self._done:
                 raise StopAsyncIteration
             item = self._deferred
@@ -138,7 +139,7 @@ class ChunkStream:
         batch = [await self.__anext__()]
         while len(batch) < limit and not self._done:
             if self._head:
-                batch.append(self._present(self._head.popleft()))
+                batch.append(self._present(self._head.pop(0)))
                 continue
             try:
                 item = self._chunks.receive_nowait()
