@@ -89,6 +89,11 @@ DRAIN_BYTES = 16 * 1024
 
 _SUCCESS = "ok"
 
+#: What an upstream call raises when the provider fails it: the transport's errors, and
+#: httpx's for a body that its ``Content-Encoding`` does not decode (a corrupt gzip
+#: stream is the provider's failure, classified as malformed, not the gateway's crash).
+UPSTREAM_ERRORS = (httpx.TransportError, httpx.DecodingError)
+
 #: What an attempt reports to its own accounting: the outcome delivered (``_SUCCESS``
 #: for a stream that finished), the break of a stream, or None when abandoned.
 Verdict_ = Outcome | StreamBroken | str | None
@@ -237,15 +242,30 @@ class ProviderActor:
     # -- one attempt ----------------------------------------------------------------
 
     async def _attempt(self, call: Call, admission: Admission, pool: ClientPool) -> None:
+        """One admitted call, in a task of the actor's: reply, then settle the breaker.
+
+        Whatever the attempt raises that is not the provider's failure (those become
+        outcomes where they happen) is the gateway's own bug: it is logged and ends
+        this call with a transient failure, and never the actor, whose end would end
+        every call to the provider.
+        """
         slot = _Slot(admission, call.request_id)
         verdict: Verdict_ = None
         try:
             with call.reply:
+                started = trio.current_time()
                 with call.scope:
-                    if call.stream:
-                        verdict = await self._stream(call, pool.next(), slot)
-                    else:
-                        verdict = await self._complete(call, pool.next(), slot)
+                    try:
+                        if call.stream:
+                            verdict = await self._stream(call, pool.next(), slot)
+                        else:
+                            verdict = await self._complete(call, pool.next(), slot)
+                    except Exception:
+                        logger.exception("%s: an attempt failed inside the gateway", self.config.name,
+                                         extra={"request_id": call.request_id})
+                        failure = Failed(ErrorClass.TRANSIENT, f"the gateway failed while calling {self.config.name}",
+                                         trio.current_time() - started)
+                        verdict = _reply(call, failure)
                 silence = slot.silence
                 if call.scope.cancelled_caught and silence is not None and trio.current_time() >= silence[3]:
                     # The attempt's own deadline, on the call's scope, has passed (not
@@ -312,7 +332,7 @@ class ProviderActor:
         call.scope.deadline = deadline
         try:
             response = await client.send(self._http_request(upstream))
-        except httpx.TransportError as error:
+        except UPSTREAM_ERRORS as error:
             outcome = _transport_failure(error, trio.current_time() - started)
         else:
             outcome = self._answer(response.status_code, response.headers, response.content, started, call.body)
@@ -364,7 +384,7 @@ class ProviderActor:
         with trio.move_on_at(deadline):
             try:
                 response = await client.send(request, stream=True)
-            except httpx.TransportError as error:
+            except UPSTREAM_ERRORS as error:
                 return _reply(call, _transport_failure(error, trio.current_time() - started))
         if response is None:
             return _reply(call, _silence(own, "no response headers", trio.current_time() - started))
@@ -393,7 +413,7 @@ class ProviderActor:
                     payload += piece
                     if len(payload) > MAX_ERROR_BODY:
                         break
-            except httpx.TransportError:
+            except UPSTREAM_ERRORS:
                 pass  # the status says enough; the body was a courtesy
             return self._failure(response.status_code, response.headers, payload, trio.current_time() - started)
         return _silence(own, "no error body", trio.current_time() - started)
@@ -602,7 +622,7 @@ class _StreamReader:
                 if decoder.finish_reason is not None:  # clean end without [DONE]
                     continue
                 return StreamBroken(ErrorClass.TRANSIENT, "the provider's stream ended without finishing")
-            except httpx.TransportError as error:
+            except UPSTREAM_ERRORS as error:
                 error_class, description = classify_exception(error)
                 return StreamBroken(error_class, f"the provider's stream broke: {description}")
             self._broken = self._feed(data)
@@ -636,7 +656,7 @@ class _StreamReader:
                     limit -= len(data)
                     if limit < 0:
                         return
-            except httpx.TransportError:
+            except UPSTREAM_ERRORS:
                 return
 
 
@@ -668,7 +688,7 @@ def _silence(own_timeout: bool, what: str, elapsed: float) -> Failed:
     return Failed(ErrorClass.DEADLINE, f"{what} before the request's deadline", elapsed)
 
 
-def _transport_failure(error: httpx.TransportError, elapsed: float) -> Failed:
+def _transport_failure(error: httpx.TransportError | httpx.DecodingError, elapsed: float) -> Failed:
     error_class, description = classify_exception(error)
     return Failed(error_class, description, elapsed)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -392,3 +393,42 @@ async def test_a_requester_that_gives_up_is_not_a_failure_of_the_provider(
         await reply.receive()  # closed, with no outcome in it
     snapshot = await actor.snapshot()
     assert snapshot.totals == {"cancelled": 1} and snapshot.consecutive_failures == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_body_its_content_encoding_does_not_decode_is_malformed_not_a_crash(nursery, stream):
+    garbage = b"this is not gzip"
+    content_type = b"text/event-stream" if stream else b"application/json"
+
+    async def answer(socket: trio.SocketStream, request: bytes) -> None:
+        await socket.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%b"
+            % (content_type, len(garbage), garbage)
+        )
+
+    async with serving(answer) as server:
+        provider = Config.from_mapping({
+            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1"}},
+            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
+        }).provider("openai")
+        actor = await nursery.start(ProviderActor(provider).run)
+        for _ in range(2):  # and the actor is still there to take the next call
+            outcome, _ = await ask(actor, stream=stream)
+            assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.MALFORMED
+            assert outcome.status == (200 if stream else None)
+        assert (await actor.snapshot()).totals == {"malformed": 2}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_bug_in_an_attempt_fails_that_call_not_the_actor(nursery, stream, caplog):
+    class Broken(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            raise RuntimeError("a bug")
+
+    actor = await nursery.start(ProviderActor(CONFIG.provider("openai"), transport=Broken()).run)
+    for _ in range(2):
+        outcome, _ = await ask(actor, stream=stream)
+        assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.TRANSIENT
+        assert outcome.message == "the gateway failed while calling openai"
+    assert (await actor.snapshot()).totals == {"transient": 2}
+    assert "an attempt failed inside the gateway" in caplog.text and "RuntimeError: a bug" in caplog.text
