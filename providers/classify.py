@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import httpx
 
 from orchestrator.messages import ErrorClass
+from providers.pool import ResponseTooLarge
 
 __all__ = [
     "ERROR_CODE_CLASSES",
@@ -76,6 +77,7 @@ EXCEPTION_CLASSES: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
     (httpx.ConnectError, T.TRANSIENT, "cannot connect"),
     (httpx.UnsupportedProtocol, T.MISCONFIGURED, "unsupported URL"),
     (httpx.InvalidURL, T.MISCONFIGURED, "invalid URL"),
+    (ResponseTooLarge, T.MALFORMED, "response body too large"),
     (httpx.RemoteProtocolError, T.TRANSIENT, "connection closed by the provider"),
     (httpx.ReadError, T.TRANSIENT, "connection reset while reading"),
     (httpx.WriteError, T.TRANSIENT, "connection reset while sending"),

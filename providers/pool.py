@@ -46,7 +46,11 @@ from typing import Any
 import httpx
 import trio
 
-__all__ = ["ClientPool", "LeanTransport", "UpstreamClient", "body_pieces"]
+__all__ = ["ClientPool", "LeanTransport", "ResponseTooLarge", "UpstreamClient", "body_pieces"]
+
+
+class ResponseTooLarge(httpx.RemoteProtocolError):
+    """An answer read whole is longer than ``MAX_RESPONSE_BYTES`` (decoded)."""
 
 #: Idle connections older than this are closed rather than reused (httpx's default).
 KEEPALIVE_EXPIRY = 5.0
@@ -54,6 +58,10 @@ KEEPALIVE_EXPIRY = 5.0
 MAX_HEAD_BYTES = 64 * 1024
 MAX_LINE_BYTES = 8 * 1024
 RECEIVE_BYTES = 64 * 1024
+#: Largest answer read whole (``send`` without ``stream``), decoded. A chat completion
+#: is kilobytes; an answer past this is the provider misbehaving, and reading it on
+#: would hold the gateway's memory hostage to it.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FORBIDDEN_IN_HEADERS = re.compile(rb"[\r\n\0]")
@@ -150,12 +158,13 @@ class UpstreamClient(httpx.AsyncClient):
             try:
                 body = response.stream
                 if isinstance(body, _Body) and body.identity:
-                    _mark_read(response, await body.read())
-                else:
-                    await response.aread()  # httpx decodes what the server compressed
+                    content = await body.read(MAX_RESPONSE_BYTES)
+                else:  # httpx decodes what the server compressed
+                    content = await _read_decoded(response, MAX_RESPONSE_BYTES)
+                _mark_read(response, content)
                 read = True
             finally:
-                if not read:  # failed or cancelled mid-body: the connection is not reusable
+                if not read:  # failed, cancelled or refused mid-body: the connection is not reusable
                     await response.aclose()
         return response
 
@@ -426,16 +435,20 @@ class _Body(httpx.AsyncByteStream):
                 yield piece
         self._finish(keep=self._keep_alive and not connection.buffer)
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int) -> bytes:
         """The whole body, read to its end as iterating would, in one piece.
 
-        A body of known length is taken from the connection's buffer once it is all
-        in, without a generator per response (the common answer: a JSON completion).
+        Raises :class:`ResponseTooLarge` once it is known to be over ``limit`` bytes (a
+        ``Content-Length`` before any of it is read). A body of known length is taken
+        from the connection's buffer once it is all in, without a generator per
+        response (the common answer: a JSON completion).
         """
         connection = self._connection
         size = self._length
         if connection is None or size is None or self._chunked:
-            return b"".join([piece async for piece in self])
+            return await _joined(self, limit, self._request)
+        if size > limit:
+            raise _too_large(limit, self._request)
         while len(connection.buffer) < size:
             if not await connection.receive(self._request):
                 raise self._truncated(len(connection.buffer), size)
@@ -482,6 +495,26 @@ def body_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
     if isinstance(body, _Body) and body.identity:
         return body.__aiter__()
     return response.aiter_bytes()
+
+
+async def _read_decoded(response: httpx.Response, limit: int) -> bytes:
+    """A compressed body, decoded by httpx, within ``limit`` decoded bytes."""
+    return await _joined(response.aiter_bytes(), limit, response.request)
+
+
+async def _joined(pieces: AsyncIterator[bytes] | _Body, limit: int, request: httpx.Request) -> bytes:
+    received: list[bytes] = []
+    size = 0
+    async for piece in pieces:
+        size += len(piece)
+        if size > limit:
+            raise _too_large(limit, request)
+        received.append(piece)
+    return b"".join(received)
+
+
+def _too_large(limit: int, request: httpx.Request) -> ResponseTooLarge:
+    return ResponseTooLarge(f"the answer is larger than the {limit} bytes read whole", request=request)
 
 
 def _mark_read(response: httpx.Response, content: bytes) -> None:

@@ -432,3 +432,19 @@ async def test_a_bug_in_an_attempt_fails_that_call_not_the_actor(nursery, stream
         assert outcome.message == "the gateway failed while calling openai"
     assert (await actor.snapshot()).totals == {"transient": 2}
     assert "an attempt failed inside the gateway" in caplog.text and "RuntimeError: a bug" in caplog.text
+
+
+async def test_an_answer_too_large_to_read_whole_is_malformed(nursery):
+    async def answer(socket: trio.SocketStream, request: bytes) -> None:
+        await socket.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 99999999999\r\n\r\n")
+
+    async with serving(answer) as server:
+        provider = Config.from_mapping({
+            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1"}},
+            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
+        }).provider("openai")
+        actor = await nursery.start(ProviderActor(provider).run)
+        with trio.fail_after(5):
+            outcome, _ = await ask(actor)
+        assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.MALFORMED
+        assert outcome.message == "response body too large"

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from orchestrator.messages import ErrorClass as C
+from providers.pool import ResponseTooLarge
 from providers.classify import (
     ERROR_CODE_CLASSES,
     EXCEPTION_CLASSES,
@@ -69,7 +70,7 @@ EXPECTED_BY_EXCEPTION = {
     httpx.ConnectTimeout: C.TRANSIENT, httpx.ConnectError: C.TRANSIENT, httpx.UnsupportedProtocol: C.MISCONFIGURED,
     httpx.InvalidURL: C.MISCONFIGURED, httpx.RemoteProtocolError: C.TRANSIENT, httpx.ReadError: C.TRANSIENT,
     httpx.WriteError: C.TRANSIENT, httpx.DecodingError: C.MALFORMED, httpx.TimeoutException: C.SILENT,
-    httpx.TransportError: C.TRANSIENT,
+    httpx.TransportError: C.TRANSIENT, ResponseTooLarge: C.MALFORMED,
 }
 
 

@@ -21,7 +21,8 @@ import httpx
 import pytest
 import trio
 
-from providers.pool import ClientPool, LeanTransport, UpstreamClient, body_pieces
+import providers.pool
+from providers.pool import ClientPool, LeanTransport, ResponseTooLarge, UpstreamClient, body_pieces
 from rawserver import Server, reply, serving
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
@@ -211,15 +212,15 @@ async def test_a_stream_closed_early_gives_its_slot_back():
 
 @pytest.fixture
 def httpx_reads(monkeypatch) -> list[httpx.Response]:
-    """The responses whose body httpx's ``aread`` read."""
+    """The responses whose body httpx read and decoded (``aiter_bytes``)."""
     reads: list[httpx.Response] = []
-    original = httpx.Response.aread
+    original = httpx.Response.aiter_bytes
 
-    async def recording(self: httpx.Response) -> bytes:
+    def recording(self: httpx.Response, chunk_size: int | None = None) -> AsyncIterator[bytes]:
         reads.append(self)
-        return await original(self)
+        return original(self, chunk_size)
 
-    monkeypatch.setattr(httpx.Response, "aread", recording)
+    monkeypatch.setattr(httpx.Response, "aiter_bytes", recording)
     return reads
 
 
@@ -252,6 +253,27 @@ async def test_a_compressed_body_is_decoded_whole_and_streamed(httpx_reads, chun
             assert b"".join([piece async for piece in body_pieces(response)]) == b'{"ok":true}'
         finally:
             await response.aclose()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "until close", "gzip"])
+async def test_an_answer_read_whole_is_refused_past_the_limit(monkeypatch, framing):
+    monkeypatch.setattr(providers.pool, "MAX_RESPONSE_BYTES", 1000)
+    body = b"x" * 1001
+    answers = {
+        "content-length": reply(b"HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\n"),  # refused unread
+        "chunked": reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"258\r\n%s\r\n191\r\n%s\r\n0\r\n\r\n" % (body[:600], body[600:])),
+        "until close": reply(b"HTTP/1.1 200 OK\r\n\r\n" + body, close=True),
+        "gzip": reply(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+                      % (len(gzip.compress(body)), gzip.compress(body))),  # small packed, too large decoded
+    }
+    async with serving(answers[framing]) as server, client() as upstream:
+        with trio.fail_after(5), pytest.raises(ResponseTooLarge, match="larger than the 1000 bytes"):
+            await upstream.post(server.url, content=b"")
+        if framing != "content-length":
+            monkeypatch.setattr(providers.pool, "MAX_RESPONSE_BYTES", 10_000)
+            assert (await upstream.post(server.url, content=b"")).content == body
+            assert server.connections == 2  # the refused answer's connection was not reused
 
 
 async def test_body_pieces_reads_an_uncompressed_stream_as_it_arrives():
