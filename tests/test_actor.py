@@ -44,6 +44,15 @@ async def start(nursery, transport, name: str = "openai"):
     return await nursery.start(ProviderActor(CONFIG.provider(name), transport=transport).run)
 
 
+async def start_against(nursery, server, **options: Any):
+    """An actor for an OpenAI-kind provider served by ``server`` (a raw test server)."""
+    provider = Config.from_mapping({
+        "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1", **options}},
+        "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
+    }).provider("openai")
+    return await nursery.start(ProviderActor(provider).run)
+
+
 def call(*, stream: bool = False, deadline: float = 1e9, body: dict[str, Any] = BODY):
     reply = Reply()
     scope = trio.CancelScope()
@@ -310,11 +319,7 @@ async def test_a_finished_streams_connection_is_kept_only_if_its_body_ends(nurse
         await stream.send_all(SSE_HEAD + ANSWER + (b"0\r\n\r\n" if terminated else b""))
 
     async with serving(answer) as server:
-        provider = Config.from_mapping({
-            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1"}},
-            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
-        }).provider("openai")
-        actor = await nursery.start(ProviderActor(provider).run)
+        actor = await start_against(nursery, server)
         for _ in range(2):
             started = trio.current_time()
             items = await stream_through(actor)
@@ -332,11 +337,7 @@ async def test_a_draining_stream_no_longer_counts_as_in_flight(nursery):
         await stream.send_all(SSE_HEAD + ANSWER)
 
     async with serving(answer) as server:
-        provider = Config.from_mapping({
-            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1", "max_concurrency": 1}},
-            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
-        }).provider("openai")
-        actor = await nursery.start(ProviderActor(provider).run)
+        actor = await start_against(nursery, server, max_concurrency=1)
         for count in (1, 2):
             started = trio.current_time()
             items = await stream_through(actor)  # the second is admitted, not refused as saturated
@@ -407,11 +408,7 @@ async def test_a_body_its_content_encoding_does_not_decode_is_malformed_not_a_cr
         )
 
     async with serving(answer) as server:
-        provider = Config.from_mapping({
-            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1"}},
-            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
-        }).provider("openai")
-        actor = await nursery.start(ProviderActor(provider).run)
+        actor = await start_against(nursery, server)
         for _ in range(2):  # and the actor is still there to take the next call
             outcome, _ = await ask(actor, stream=stream)
             assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.MALFORMED
@@ -439,11 +436,7 @@ async def test_an_answer_too_large_to_read_whole_is_malformed(nursery):
         await socket.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 99999999999\r\n\r\n")
 
     async with serving(answer) as server:
-        provider = Config.from_mapping({
-            "providers": {"openai": {"kind": "openai", "base_url": f"{server.url}/v1"}},
-            "routes": [{"match": "gpt-*", "deployments": [{"provider": "openai"}]}],
-        }).provider("openai")
-        actor = await nursery.start(ProviderActor(provider).run)
+        actor = await start_against(nursery, server)
         with trio.fail_after(5):
             outcome, _ = await ask(actor)
         assert isinstance(outcome, Failed) and outcome.error_class is ErrorClass.MALFORMED
