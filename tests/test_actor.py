@@ -381,21 +381,6 @@ async def test_an_answer_later_than_the_attempt_timeout_is_silence_at_that_insta
     assert (await actor.snapshot()).consecutive_failures == 1
 
 
-async def test_a_requester_that_gives_up_is_not_a_failure_of_the_provider(
-    autojump_clock, nursery, transport, mock_state
-):
-    mock_state.configure(FaultProfile(latency_ms=5000))
-    actor = await start(nursery, transport)
-    message, reply = call()
-    assert actor.submit(message)
-    await trio.sleep(1)
-    message.scope.cancel()  # without abandoning the reply first
-    with pytest.raises(trio.EndOfChannel):
-        await reply.receive()  # closed, with no outcome in it
-    snapshot = await actor.snapshot()
-    assert snapshot.totals == {"cancelled": 1} and snapshot.consecutive_failures == 0
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_body_its_content_encoding_does_not_decode_is_malformed_not_a_crash(nursery, stream):
     garbage = b"this is not gzip"
