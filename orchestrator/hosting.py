@@ -439,7 +439,7 @@ class _Connection(TCPServer):
         self._hold_next = False
         self._on_disconnect: trio.CancelScope | None = None
         self._idle_deadline = math.inf
-        self._waiting = False  # for the client's bytes, with the idle deadline on _reading
+        self._waiting: trio.CancelScope | None = None
         self._socket = stream.socket  # plain TCP: ``serve`` has no TLS
 
     async def run(self) -> None:
@@ -469,8 +469,8 @@ class _Connection(TCPServer):
 
     def _set_idle_deadline(self, deadline: float) -> None:
         self._idle_deadline = deadline
-        if self._waiting:
-            self._reading.deadline = deadline
+        if self._waiting is not None:
+            self._waiting.deadline = deadline
 
     def cancel_on_disconnect(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` if the client goes away before the current response is sent.
@@ -498,9 +498,6 @@ class _Connection(TCPServer):
                 if not data:
                     break
             await self.protocol.handle(Closed())
-        if self._reading.cancelled_caught and trio.current_time() >= self._idle_deadline:
-            # Idle past the deadline (see _receive): closed as if the client had closed.
-            await self.protocol.handle(Closed())
         # The client closed or reset the connection (or we closed it, when this does
         # nothing). hypercorn has just told the app ``http.disconnect``.
         if self._on_disconnect is not None:
@@ -508,20 +505,16 @@ class _Connection(TCPServer):
 
     async def _receive(self) -> bytes | None:
         """The client's next bytes (``b""`` at its end of the stream), or None when the
-        connection is gone (reset, or closed by us).
+        connection is gone (reset, or closed by us) or has been idle past its deadline.
 
         Bytes already waiting are read straight from the socket, with no cancel scope and
-        no trip through the scheduler: under load that is most reads. Otherwise it waits
-        for the socket to have some, until the idle deadline at most (see
-        ``_KeepAlive``): that deadline is put on the read loop's own scope for the wait
-        rather than on a scope of its own (one scope fewer per connection and per
-        request), so an idle connection's read is cancelled, ending the loop. Not a
-        checkpoint when it did not wait; whoever then handles the bytes has one soon
-        enough (a request's body goes through a queue, its answer through a socket), and
-        a head has a size limit.
+        no trip through the scheduler: under load that is most reads. Otherwise it waits,
+        until the idle deadline at most (see ``_KeepAlive``), for the socket to have some.
+        Not a checkpoint when it did not wait; whoever then handles the bytes has one
+        soon enough (a request's body goes through a channel, its answer through a
+        socket), and a head has a size limit.
         """
         socket = self._socket
-        reading = self._reading
         while True:
             try:
                 return os.read(socket.fileno(), MAX_RECV)
@@ -529,15 +522,16 @@ class _Connection(TCPServer):
                 pass
             except OSError:  # reset by the client, or closed by us (EBADF)
                 return None
-            self._waiting = True
-            reading.deadline = self._idle_deadline
+            waiting = self._waiting = trio.CancelScope(deadline=self._idle_deadline)
             try:
-                await trio.lowlevel.wait_readable(socket)
+                with waiting:
+                    await trio.lowlevel.wait_readable(socket)
             except trio.ClosedResourceError:  # closed by us while waiting
                 return None
             finally:
-                self._waiting = False
-                reading.deadline = math.inf
+                self._waiting = None
+            if waiting.cancelled_caught:
+                return None  # idle for keep_alive_timeout, or idle at shutdown: close
 
     async def send_message(self, send: ASGISendCallable, message: dict[str, Any]) -> None:
         """What the app calls as ``send`` on HTTP/1.x: hypercorn's ``send``, with the

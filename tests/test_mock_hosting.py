@@ -360,3 +360,66 @@ async def test_http2_responses_are_not_held(nursery):
             await stream.send_all(connection.data_to_send())
     assert body == b"x" * 100
     await stream.aclose()
+
+
+async def _answer_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _received_now(stream: trio.SocketStream) -> bytes | None:
+    try:
+        return stream.socket._sock.recv(65536, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+GET = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")]
+
+
+@pytest.mark.parametrize("version", ["1.1", "2"])
+async def test_a_request_arriving_as_the_keep_alive_deadline_passes_is_answered(mock_clock, version):
+    """The client's next request and the idle deadline in the same scheduler pass: the
+    read wakes for the bytes first, and the deadline's cancel must not then reach the
+    request it has read (it did when the deadline sat on the read loop's own scope:
+    HTTP/1.1 closed unanswered, HTTP/2 hung)."""
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, _answer_ok, keep_alive_timeout=5))
+        stream = await trio.open_tcp_stream(*address(url))
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        if version == "2":  # prior knowledge; one request answered first
+            client.initiate_connection()
+            client.send_headers(1, GET, end_stream=True)
+            await stream.send_all(client.data_to_send())
+            await _settle()
+            client.receive_data(_received_now(stream))
+            await stream.send_all(client.data_to_send())
+            client.send_headers(3, GET, end_stream=True)
+        else:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await _settle()
+            assert _received_now(stream).endswith(b"ok")
+        await _settle()  # idle: the read loop waits, its deadline 5 s away
+        request = client.data_to_send() if version == "2" else b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        stream.socket._sock.send(request)  # in the kernel before anything else runs
+        mock_clock.jump(5)
+        await _settle()
+        answer = _received_now(stream)
+        nursery.cancel_scope.cancel()
+    assert answer
+    if version == "2":
+        assert any(isinstance(event, h2.events.StreamEnded) and event.stream_id == 3
+                   for event in client.receive_data(answer))
+    else:
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
