@@ -498,7 +498,12 @@ def body_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 async def _read_decoded(response: httpx.Response, limit: int) -> bytes:
-    """A compressed body, decoded by httpx, within ``limit`` decoded bytes."""
+    """A compressed body, decoded by httpx, within ``limit`` decoded bytes.
+
+    httpx decodes each network read whole before it is counted, so the bound can be
+    passed by what one read inflates to (64 KiB of gzip: up to 64 MiB) before the
+    body is refused.
+    """
     return await _joined(response.aiter_bytes(), limit, response.request)
 
 
