@@ -86,3 +86,10 @@ def test_whole_events_decode_as_line_by_line(events, cuts):
     assert _decode([stream]) == one_by_one
     bounds = [0, *sorted(min(cut, len(stream)) for cut in cuts), len(stream)]
     assert _decode([stream[start:end] for start, end in zip(bounds, bounds[1:])]) == one_by_one
+
+
+def test_the_size_limit_is_per_event_whatever_the_buffer_holds():
+    small = b"data: x\n\n" * 20  # 180 bytes of events of 7 bytes each
+    assert SSEDecoder(max_event_bytes=50).feed(small) == [ServerSentEvent("message", "x")] * 20
+    with pytest.raises(MalformedStream):
+        SSEDecoder(max_event_bytes=50).feed(b"data: x\n\n" + b"data: " + b"y" * 60 + b"\n\n")
