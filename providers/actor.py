@@ -18,15 +18,19 @@ trio runs them one at a time, and no state is read across an ``await``).
 **Cancellation.** Each attempt runs inside ``call.scope``, which belongs to the
 requester: cancelling it closes the upstream connection at once, and the attempt
 counts as neither success nor failure (a half-open probe gives its slot back).
-Each attempt's own timeouts (response, first token, idle) are cancel scopes
-inside that one, capped by the request's deadline; an attempt cut short by the
+Each attempt's own timeouts (response, first token, idle) are capped by the
+request's deadline: a non-streaming attempt's is the deadline of ``call.scope``
+itself, a stream's are cancel scopes inside it. An attempt cut short by the
 request's deadline rather than by the provider's own timeout is not held against
 the provider.
 
-**Failure.** If the actor's loop dies, the exception propagates to the service's
-nursery (the gateway fails loudly rather than living on without a provider), and
-every call still queued or in flight has its reply channel closed, so its
-requester sees ``trio.EndOfChannel`` at once instead of hanging.
+**Failure.** What a provider does wrong (an error, a reset, silence, a body that does
+not decode) is an outcome of its call. What an attempt raises besides is the
+gateway's own bug: logged, and that call fails, not the actor. If the actor's loop
+itself dies, the exception propagates to the service's nursery (the gateway fails
+loudly rather than living on without a provider), and every call still queued or in
+flight has its reply channel closed, so its requester sees ``trio.EndOfChannel`` at
+once instead of hanging.
 """
 
 from __future__ import annotations
