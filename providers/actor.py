@@ -270,12 +270,12 @@ class ProviderActor:
                         failure = Failed(ErrorClass.TRANSIENT, f"the gateway failed while calling {self.config.name}",
                                          trio.current_time() - started)
                         verdict = _reply(call, failure)
-                silence = slot.silence
-                if call.scope.cancelled_caught and silence is not None and trio.current_time() >= silence[3]:
-                    # The attempt's own deadline, on the call's scope, has passed (not
-                    # the requester giving up, which is no failure of the provider's).
-                    what, own, started, _ = silence
-                    verdict = _reply(call, _silence(own, what, trio.current_time() - started))
+                if call.scope.cancelled_caught and slot.silence is not None:
+                    what, own, waited_since, deadline = slot.silence
+                    if trio.current_time() >= deadline:
+                        # The attempt's own deadline, on the call's scope, has passed (not
+                        # the requester giving up, which is no failure of the provider's).
+                        verdict = _reply(call, _silence(own, what, trio.current_time() - waited_since))
         finally:
             self._release(slot, verdict)
 
