@@ -160,15 +160,19 @@ def _measure_target(name: str, mock: Target, client: str, args: argparse.Namespa
                 body = workdir / f"body-{latency}-{mode}.json"
                 for connections in args.concurrency:
                     overloaded = bool(cells) and cells[-1].connections >= CROWDED and target is not mock
-                    if overloaded or (fresh_for_memory and connections == crowded and cells):
+                    for_memory = fresh_for_memory and connections == crowded
+                    if cells and (overloaded or for_memory):
                         target.server.stop()
                         target = _start(name, workdir, mock)
                         assert target is not None
+                    if (cells and overloaded) or for_memory:
+                        # Warm at one connection, so that the idle RSS is a warm process's
+                        # (a crowded first cell would otherwise be its own baseline).
                         warm = Load(target.path(latency), body, mode == "stream", 1, max(args.warmup, 1.0),
                                     target.auth)
                         run_load(client, warm)
                         idle = None
-                    if idle is None and cells:
+                    if idle is None and (cells or for_memory):
                         idle = sum(rss_bytes(pid) for pid in target.server.pids()) / MIB
                     cell = _measure_load(target, mock, client, args, body, latency, mode, connections)
                     cells.append(cell)
