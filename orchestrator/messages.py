@@ -7,7 +7,8 @@ A requester (the router) talks to an actor like this::
       |                                        |-- Refused(reason, retry_after) --> reply
       |                                        '-- start attempt task under call.scope
       |  <--reply-- Completed | Failed | StreamOpened
-      |  (streaming) <--chunks-- dict, dict, ..., StreamEnd | StreamBroken
+      |  (streaming) chunks.receive(): dict, dict, ..., StreamEnd | StreamBroken
+      |              (read by the requester, in its own task, from the upstream response)
 
 The requester owns ``call.scope`` and cancels it when it stops caring (client gone,
 deadline spent); the actor runs the upstream attempt inside that scope, so the
@@ -19,13 +20,14 @@ actor died sees ``trio.EndOfChannel`` at once instead of hanging.
 from __future__ import annotations
 
 import enum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 import trio
 
 __all__ = [
     "Call",
+    "ChunkSource",
     "Completed",
     "ErrorClass",
     "Failed",
@@ -261,13 +263,34 @@ class StreamOpened:
     """The upstream stream produced its first content (the commit point).
 
     ``head`` holds the chunks read so far (role chunk and first content, in OpenAI's
-    chat.completion.chunk shape); the rest arrive on ``chunks``, which ends with
-    exactly one :class:`StreamEnd` or :class:`StreamBroken` before it closes.
+    chat.completion.chunk shape); the rest come from ``chunks``, which gives exactly
+    one :class:`StreamEnd` or :class:`StreamBroken` last.
     """
 
     head: tuple[dict[str, Any], ...]
-    chunks: trio.MemoryReceiveChannel[StreamItem]
+    chunks: ChunkSource
     elapsed: float
+
+
+class ChunkSource(Protocol):
+    """The rest of a committed stream, read by its requester like a trio receive channel.
+
+    ``receive`` blocks until the provider's next chunk or the stream's ending (each
+    wait bounded by the provider's idle timeout and the request's deadline; silence
+    past it is a :class:`StreamBroken`) and raises ``trio.EndOfChannel`` after the
+    ending. ``receive_nowait`` gives what is already here or raises
+    ``trio.WouldBlock``. ``close`` abandons the stream (synchronous, never blocks).
+    """
+
+    async def receive(self) -> StreamItem: ...
+
+    def receive_nowait(self) -> StreamItem: ...
+
+    def close(self) -> None: ...
+
+    def __aiter__(self) -> ChunkSource: ...
+
+    async def __anext__(self) -> StreamItem: ...
 
 
 @attrs.frozen

@@ -21,7 +21,7 @@ import trio
 from orchestrator.config import Deployment
 from orchestrator.errors import GatewayError, StreamInterrupted
 from orchestrator.logs import event
-from orchestrator.messages import ErrorClass, StreamBroken, StreamEnd, StreamItem
+from orchestrator.messages import ChunkSource, ErrorClass, StreamBroken, StreamEnd, StreamItem
 
 if TYPE_CHECKING:
     from orchestrator.router import Journey, Opened, Router
@@ -52,7 +52,7 @@ class ChunkStream:
         # Chunks before the commit point, a few at most: a list (a deque's first block
         # alone is about 600 bytes, held by every stream).
         self._head: list[dict[str, Any]] = list(stream.head)  # type: ignore[union-attr]
-        self._chunks: trio.MemoryReceiveChannel[StreamItem] = stream.chunks  # type: ignore[union-attr]
+        self._chunks: ChunkSource = stream.chunks  # type: ignore[union-attr]
         first = self._head[0] if self._head else {}
         self.id: str = first.get("id") or f"chatcmpl-{journey.request_id}"
         self.created: int = first.get("created") or int(time.time())

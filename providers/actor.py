@@ -13,14 +13,18 @@
 
 The actor is the only code that reads or changes its breaker, its rate-limit state,
 its in-flight count and its totals (the attempt tasks are the actor's own tasks;
-trio runs them one at a time, and no state is read across an ``await``).
+trio runs them one at a time, and no state is read across an ``await``). The one
+exception is in time, not in owner: a committed stream is read by its requester
+(``_Tail``), which settles the attempt by calling the actor's own ``_release``,
+synchronously, the moment it reads the stream's ending.
 
 **Cancellation.** Each attempt runs inside ``call.scope``, which belongs to the
 requester: cancelling it closes the upstream connection at once, and the attempt
 counts as neither success nor failure (a half-open probe gives its slot back).
 Each attempt's own timeouts (response, first token, idle) are capped by the
 request's deadline: a non-streaming attempt's is the deadline of ``call.scope``
-itself, a stream's are cancel scopes inside it. An attempt cut short by the
+itself, a stream's are cancel scopes inside it, and after the commit point around
+each of the requester's reads. An attempt cut short by the
 request's deadline rather than by the provider's own timeout is not held against
 the provider.
 
@@ -36,8 +40,8 @@ once instead of hanging.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -75,14 +79,12 @@ from providers.adapter import (
 from providers.breaker import Admission, Breaker, CircuitState, Verdict, describe_transition
 from providers.classify import classify_exception, classify_response, parse_retry_after
 from providers.pool import ClientPool, body_pieces
-from providers.sse import SSEDecoder
+from providers.sse import ServerSentEvent, SSEDecoder
 
 __all__ = ["ActorHandle", "ActorStopped", "ProviderActor", "make_adapter"]
 
 logger = logging.getLogger("orchestrator.provider")
 
-#: Chunks buffered between an attempt task and its requester (backpressure beyond).
-STREAM_BUFFER = 16
 #: Largest error body read from a provider before it is classified.
 MAX_ERROR_BODY = 64 * 1024
 #: After a stream's last event, how long the rest of its body (the chunked encoding's
@@ -370,12 +372,13 @@ class ProviderActor:
         )
 
     async def _stream(self, call: Call, client: httpx.AsyncClient, slot: _Slot) -> Verdict_:
-        """One streaming attempt: reply at the commit point, then pump the rest.
+        """One streaming attempt: reply at the commit point, then wait for the end.
 
         Before the first content chunk every failure is an ordinary ``Failed`` reply,
-        so the router can still retry or fail over. From the first content on the
-        chunks go to the requester over a bounded channel that ends with exactly one
-        ``StreamEnd`` or ``StreamBroken``.
+        so the router can still retry or fail over. From the first content on, the
+        requester reads the rest through a :class:`_Tail`, which ends with exactly one
+        ``StreamEnd`` or ``StreamBroken``; this task waits for that (or for
+        ``call.scope`` to be cancelled), then drains and closes the response.
         """
         started = trio.current_time()
         timeouts = self.config.timeouts
@@ -396,13 +399,12 @@ class ProviderActor:
             if response.status_code != 200:
                 return _reply(call, await self._stream_failure(response, started, deadline, own))
             reader = _StreamReader(response, self._adapter.stream_decoder(call.body))
-            verdict = await self._relay(call, reader, started)
+            verdict = await self._relay(call, reader, slot, started)
             if verdict == _SUCCESS:
-                # The answer is complete and relayed: the attempt is settled now (its
+                # The answer is complete and the attempt settled (by the tail: its
                 # requester may already be sending the next request). Reading the body
                 # to its end lets the connection go back to the pool instead of being
                 # closed; a provider that leaves it open holds only the connection.
-                self._release(slot, verdict)
                 await reader.drain(min(trio.current_time() + DRAIN_SECONDS, call.deadline), DRAIN_BYTES)
             return verdict
         finally:
@@ -422,7 +424,9 @@ class ProviderActor:
             return self._failure(response.status_code, response.headers, payload, trio.current_time() - started)
         return _silence(own, "no error body", trio.current_time() - started)
 
-    async def _relay(self, call: Call, reader: _StreamReader, started: float) -> Verdict_:
+    async def _relay(self, call: Call, reader: _StreamReader, slot: _Slot, started: float) -> Verdict_:
+        """Read up to the commit point and reply; then wait for the requester to read the
+        rest. Returns the stream's verdict (None: abandoned)."""
         timeouts = self.config.timeouts
         # Before the commit point: hold role-only and empty chunks back. Each read
         # waits at most until the first-token deadline (see _StreamReader.bounded).
@@ -442,37 +446,13 @@ class ProviderActor:
         if waiting.cancelled_caught:
             silence = _silence(own, "no stream data", trio.current_time() - started)
             return _reply(call, attrs.evolve(silence, status=200))
-        chunks_send, chunks_receive = trio.open_memory_channel[StreamItem](STREAM_BUFFER)
-        with chunks_send:
-            if _reply(call, StreamOpened(tuple(head), chunks_receive, trio.current_time() - started)) is None:
-                return None
-            # After the commit point: the rest of the stream belongs to the requester.
-            # Each read waits at most until the idle deadline; a requester that reads
-            # slower than the provider writes holds the relay up, never the deadline.
-            with reader.bounded() as waiting:
-                while True:
-                    if not isinstance(item, StreamEnd):
-                        deadline, own = self._deadline(trio.current_time(), timeouts.idle, call.deadline)
-                        item = await reader.next_item(deadline)
-                    try:
-                        try:
-                            chunks_send.send_nowait(item)
-                        except trio.WouldBlock:
-                            waiting.deadline = math.inf  # the requester is behind: wait for it
-                            await chunks_send.send(item)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return None  # the requester stopped listening: abandoned, not failed
-                    if isinstance(item, StreamBroken):
-                        return item
-                    if isinstance(item, StreamEnd):
-                        return _SUCCESS
-            silence = _silence(own, "no stream data", 0.0)
-            broken = StreamBroken(silence.error_class, silence.message)
-            try:
-                await chunks_send.send(broken)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return None
-            return broken
+        # After the commit point the requester reads the rest itself (see _Tail); this
+        # task holds the attempt open under call.scope until the stream has ended.
+        tail = _Tail(reader, timeouts.idle, call.deadline, call.scope, lambda verdict: self._release(slot, verdict))
+        if _reply(call, StreamOpened(tuple(head), tail, trio.current_time() - started)) is None:
+            return None
+        await tail.ended.wait()
+        return tail.verdict
 
     @staticmethod
     def _deadline(start: float, timeout: float, request_deadline: float) -> tuple[float, bool]:
@@ -587,12 +567,17 @@ class _StreamReader:
     block, its deadline moved on each read, rather than a scope per read: a stream
     has dozens of reads, and entering and leaving a cancel scope cost a sixth of the
     gateway's CPU for a stream.
+
+    Events are decoded into chunks one at a time, as they are asked for: a read often
+    brings a whole stream, and its events' text is a third of the size of the chunks
+    it decodes to (what a gateway with hundreds of streams in flight holds).
     """
 
     def __init__(self, response: httpx.Response, decoder: StreamDecoder) -> None:
         self._bytes = body_pieces(response)
         self._sse = SSEDecoder()
         self._decoder = decoder
+        self._events: list[ServerSentEvent] = []
         self._ready: list[dict[str, Any]] = []
         self._ended = False
         self._broken: StreamBroken | None = None
@@ -603,6 +588,21 @@ class _StreamReader:
         self._waiting = trio.CancelScope()
         return self._waiting
 
+    def ready_item(self) -> StreamItem | None:
+        """The next item if it needs no read: a chunk of an event already received, or
+        the stream's ending; None if only the network can tell."""
+        decoder = self._decoder
+        while not self._ready:
+            if self._events:
+                self._decode(self._events.pop(0))
+                continue
+            if self._broken is not None:
+                return self._broken
+            if self._ended or _finished(decoder):
+                return StreamEnd(decoder.finish_reason, decoder.usage)
+            return None
+        return self._ready.pop(0)
+
     async def next_item(self, deadline: float) -> StreamItem:
         """The next item; waits for data until ``deadline`` at most (see the class).
 
@@ -611,42 +611,42 @@ class _StreamReader:
         line the event-stream framing itself rejects -- not UTF-8, or over the size
         limit -- fails its read as a whole.)
         """
-        decoder = self._decoder
-        while not self._ready:
-            if self._broken is not None:
-                return self._broken
-            if self._ended or _finished(decoder):
-                return StreamEnd(decoder.finish_reason, decoder.usage)
+        while (item := self.ready_item()) is None:
             assert self._waiting is not None, "next_item runs inside a bounded() block"
             self._waiting.deadline = deadline
             try:
                 data = await self._bytes.__anext__()
             except StopAsyncIteration:
                 self._ended = True
-                if decoder.finish_reason is not None:  # clean end without [DONE]
+                if self._decoder.finish_reason is not None:  # clean end without [DONE]
                     continue
                 return StreamBroken(ErrorClass.TRANSIENT, "the provider's stream ended without finishing")
             except UPSTREAM_ERRORS as error:
                 error_class, description = classify_exception(error)
                 return StreamBroken(error_class, f"the provider's stream broke: {description}")
-            self._broken = self._feed(data)
-        return self._ready.pop(0)
+            try:
+                self._events.extend(self._sse.feed(data))
+            except MalformedStream as error:
+                self._broken = StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
+        return item
 
-    def _feed(self, data: bytes) -> StreamBroken | None:
-        """Decode one read into ``_ready``; what broke the stream, if anything did."""
+    def _decode(self, sse_event: ServerSentEvent) -> None:
+        """Decode one event into ``_ready``, or note in ``_broken`` how it broke the
+        stream (the events after it are dropped)."""
         try:
-            for sse_event in self._sse.feed(data):
-                self._ready.extend(self._decoder.feed(sse_event))
+            self._ready.extend(self._decoder.feed(sse_event))
+            return
         except MalformedStream as error:
-            return StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
+            broken = StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
         except ProviderStreamError as error:
             reported = error.error
             error_class = classify_response(reported.status or 500, code=reported.code, message=reported.message)
-            return StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
+            broken = StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
         except Exception:  # a chunk our decoder chokes on is a malformed chunk
             logger.exception("a stream chunk the adapter could not read")
-            return StreamBroken(ErrorClass.MALFORMED, "a stream chunk the gateway could not read")
-        return None
+            broken = StreamBroken(ErrorClass.MALFORMED, "a stream chunk the gateway could not read")
+        self._events.clear()
+        self._broken = broken
 
     async def drain(self, deadline: float, limit: int) -> None:
         """Read what is left of the body, up to ``limit`` bytes, until ``deadline``.
@@ -662,6 +662,96 @@ class _StreamReader:
                         return
             except UPSTREAM_ERRORS:
                 return
+
+
+class _Tail:
+    """The rest of a committed stream (``StreamOpened.chunks``), read by the requester.
+
+    After the commit point the requester reads the upstream response itself, in its
+    own task: no task in between and no chunk decoded before it is asked for, so a
+    requester slower than its provider leaves the provider's bytes in the kernel's
+    socket buffers (TCP's flow control holds the provider back) instead of in ours.
+    Each ``receive`` that must wait for the network waits at most until the idle
+    deadline -- the provider's idle timeout from when it is asked, capped by the
+    request's deadline -- and silence past it ends the stream with a ``StreamBroken``.
+
+    The ending, ``StreamEnd`` or ``StreamBroken``, is the attempt's verdict: ``settle``
+    (the actor's accounting, synchronous) runs the moment the requester reads it, so
+    the provider's slot is free before the requester can make its next call; then
+    ``ended`` wakes the attempt's task, which drains and closes the response. Closing
+    the tail before its ending abandons the attempt: it cancels the call's ``scope``.
+    """
+
+    def __init__(
+        self,
+        reader: _StreamReader,
+        idle: float,
+        deadline: float,
+        scope: trio.CancelScope,
+        settle: Callable[[Verdict_], None],
+    ) -> None:
+        # Not the Call itself: its reply holds the StreamOpened that holds this tail,
+        # and that cycle would leave every stream to the cyclic garbage collector.
+        self._reader = reader
+        self._idle = idle
+        self._deadline = deadline
+        self._scope = scope
+        self._settle = settle
+        self._closed = False
+        self.ended = trio.Event()
+        self.verdict: Verdict_ = None
+
+    async def receive(self) -> StreamItem:
+        """The next chunk, or the ending; waits for the network only when it must."""
+        self._check()
+        reader = self._reader
+        item = reader.ready_item()
+        if item is None:
+            deadline, own = ProviderActor._deadline(trio.current_time(), self._idle, self._deadline)
+            with reader.bounded() as waiting:
+                item = await reader.next_item(deadline)
+            if waiting.cancelled_caught:
+                silence = _silence(own, "no stream data", 0.0)
+                item = StreamBroken(silence.error_class, silence.message)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        return self._deliver(item)
+
+    def receive_nowait(self) -> StreamItem:
+        """A chunk or the ending already at hand; ``trio.WouldBlock`` otherwise."""
+        self._check()
+        item = self._reader.ready_item()
+        if item is None:
+            raise trio.WouldBlock
+        return self._deliver(item)
+
+    def close(self) -> None:
+        """Stop reading; before the ending, abandon the attempt (never blocks)."""
+        self._closed = True
+        if not self.ended.is_set():
+            self._scope.cancel()
+
+    def __aiter__(self) -> _Tail:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self.ended.is_set():
+            raise trio.EndOfChannel
+
+    def _deliver(self, item: StreamItem) -> StreamItem:
+        if not isinstance(item, dict):
+            self.verdict = _SUCCESS if isinstance(item, StreamEnd) else item
+            self._settle(self.verdict)
+            self.ended.set()
+        return item
 
 
 def _finished(decoder: StreamDecoder) -> bool:

@@ -152,9 +152,8 @@ async def test_both_adapters_give_openai_shaped_results(autojump_clock, nursery,
     opened, _ = await ask(actor, body=body, stream=True)
     assert isinstance(opened, StreamOpened)
     chunks = list(opened.head)
-    async with opened.chunks:
-        async for item in opened.chunks:
-            chunks.append(item)
+    async for item in opened.chunks:
+        chunks.append(item)
     end = chunks.pop()
     assert isinstance(end, StreamEnd) and end.finish_reason == "stop"
     assert end.usage["completion_tokens"] > 0
