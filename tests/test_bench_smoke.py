@@ -27,10 +27,11 @@ def test_the_bench_runs_end_to_end_in_smoke_mode(tmp_path):
     result = json.loads(output.read_text())
     cells = [cell for cell in result["cells"] if not cell["pair_round"]]
     rounds = [cell for cell in result["cells"] if cell["pair_round"]]
-    # The two-worker target's pair, measured again (the other pairs need 1 and 50
-    # connections, which a smoke run does not measure).
+    # The two-worker target's pairs, json and stream, measured again (the other pairs
+    # need 1 and 50 connections, which a smoke run does not measure).
     assert [(cell["target"], cell["latency_ms"], cell["mode"], cell["connections"]) for cell in rounds] == [
         ("gateway-2", 50, "json", 2), ("gateway-1", 50, "json", 2),
+        ("gateway-2", 50, "stream", 2), ("gateway-1", 50, "stream", 2),
     ]
     assert {(cell["target"], cell["latency_ms"], cell["mode"]) for cell in cells} == {
         (target, latency, mode)
@@ -45,8 +46,10 @@ def test_the_bench_runs_end_to_end_in_smoke_mode(tmp_path):
     two_workers = [cell for cell in cells if cell["target"] == "gateway-2"]
     assert all(len(cell["processes"]) == 3 for cell in two_workers)  # supervisor and two workers
     assert {check["name"] for check in result["targets"]} == {
-        "throughput vs direct", "throughput vs LiteLLM", "latency added", "500 in flight", "two workers",
+        "throughput vs direct", "throughput vs LiteLLM", "latency added", "500 in flight",
+        "two workers, json", "two workers, stream",
     }
     assert "| mock | mode | conns | target |" in finished.stdout
-    [two_workers_check] = [check for check in result["targets"] if check["name"] == "two workers"]
-    assert two_workers_check["detail"].endswith("medians of 1 interleaved round")
+    for check in result["targets"]:
+        if check["name"].startswith("two workers"):
+            assert check["detail"].endswith("medians of 1 interleaved round")
