@@ -278,8 +278,11 @@ class ChunkSource(Protocol):
     ``receive`` blocks until the provider's next chunk or the stream's ending (each
     wait bounded by the provider's idle timeout and the request's deadline; silence
     past it is a :class:`StreamBroken`) and raises ``trio.EndOfChannel`` after the
-    ending. ``receive_nowait`` gives what is already here or raises
-    ``trio.WouldBlock``. ``close`` abandons the stream (synchronous, never blocks).
+    ending. ``receive_nowait`` gives what has already been received, or raises
+    ``trio.WouldBlock``. ``close`` abandons the stream before its ending (synchronous,
+    never blocks); reading after it raises ``trio.ClosedResourceError``. One task
+    reads. Unlike a channel, a ``receive`` cancelled while it waits for the network
+    abandons the stream: the next one gives a :class:`StreamBroken`.
     """
 
     async def receive(self) -> StreamItem: ...

@@ -36,7 +36,10 @@ class ChunkStream:
     Blocks only while waiting for the provider's next chunk (each wait bounded by
     the provider's idle timeout and the request's deadline). :meth:`close` is
     synchronous and safe to call from a ``finally`` during cancellation: it cancels
-    the upstream call at once.
+    the upstream call at once. Iterate it from one task. A read cancelled while it
+    waits for the provider gives up the upstream call (its place in the response is
+    lost): reading on continues the answer as after a break, or raises
+    :class:`~orchestrator.errors.StreamInterrupted`.
 
     ``provider`` and ``model`` name who is answering; ``usage`` is the usage of
     what the client received, once the stream has finished.
@@ -66,9 +69,6 @@ class ChunkStream:
         self._prefix_chunks = 0
         self._tool_calls_seen = False
         self._done = False
-        #: The upstream call ended cleanly: it is finishing by itself (reading the rest
-        #: of its body so that its connection can be reused) and must not be cancelled.
-        self._finished_upstream = False
         #: An ending (StreamEnd or StreamBroken) that ``next_batch`` took but did not handle.
         self._deferred: StreamItem | None = None
 
@@ -107,7 +107,6 @@ class ChunkStream:
                 return self._present(item)
             if isinstance(item, StreamEnd):
                 self._done = True
-                self._finished_upstream = True
                 self.finish_reason = item.finish_reason
                 self.usage = self._usage(item.usage)
                 if self._request.include_usage and self.usage is not None:
@@ -152,11 +151,10 @@ class ChunkStream:
         return batch
 
     def close(self) -> None:
-        """Abandon the stream: cancel the upstream call unless it has ended cleanly
-        (synchronous, never blocks)."""
+        """Abandon the stream: cancel the upstream call unless it has ended (synchronous,
+        never blocks). One that ended cleanly finishes by itself, reading the rest of its
+        body so that its connection can be reused."""
         self._done = True
-        if not self._finished_upstream:
-            self._scope.cancel()
         self._chunks.close()
 
     # -- presentation ---------------------------------------------------------------
@@ -198,12 +196,14 @@ class ChunkStream:
     # -- continuation -----------------------------------------------------------------
 
     async def _continue(self, broken: StreamBroken) -> bool:
-        """Continue a broken answer from its delivered text; False when it cannot be."""
+        """Continue a broken answer from its delivered text; False when it cannot be
+        (or the stream was closed meanwhile, from another task)."""
         self._scope.cancel()
         journey = self._journey
         deployments = self._prefill_deployments()
         text = self.text
-        if broken.error_class is ErrorClass.DEADLINE or not deployments or not text or self._tool_calls_seen:
+        if (self._done or broken.error_class is ErrorClass.DEADLINE or not deployments or not text
+                or self._tool_calls_seen):
             event(logging.WARNING, journey.request_id, "stream_broken",
                   f"stream from {self.provider} broke after {self._content_chunks} chunks: {broken.message}",
                   provider=self.provider, reason=broken.error_class.value)
@@ -222,6 +222,10 @@ class ChunkStream:
                   f"continuation failed ({error.message}); ending the stream with the original error")
             return False
         stream = opened.outcome
+        if self._done:  # closed while the continuation was being opened
+            stream.chunks.close()  # type: ignore[union-attr]
+            opened.scope.cancel()
+            return False
         self.continuations += 1
         self._prefix_chunks = self._content_chunks
         self._deployment = opened.deployment

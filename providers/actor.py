@@ -85,6 +85,9 @@ __all__ = ["ActorHandle", "ActorStopped", "ProviderActor", "make_adapter"]
 
 logger = logging.getLogger("orchestrator.provider")
 
+#: How long past the request's deadline a committed stream's attempt waits for its
+#: requester to read the stream's ending before it gives up (see ``_Tail``).
+STREAM_GRACE = 1.0
 #: Largest error body read from a provider before it is classified.
 MAX_ERROR_BODY = 64 * 1024
 #: After a stream's last event, how long the rest of its body (the chunked encoding's
@@ -399,7 +402,7 @@ class ProviderActor:
             if response.status_code != 200:
                 return _reply(call, await self._stream_failure(response, started, deadline, own))
             reader = _StreamReader(response, self._adapter.stream_decoder(call.body))
-            verdict = await self._relay(call, reader, slot, started)
+            verdict = await self._commit(call, reader, slot, started)
             if verdict == _SUCCESS:
                 # The answer is complete and the attempt settled (by the tail: its
                 # requester may already be sending the next request). Reading the body
@@ -424,7 +427,7 @@ class ProviderActor:
             return self._failure(response.status_code, response.headers, payload, trio.current_time() - started)
         return _silence(own, "no error body", trio.current_time() - started)
 
-    async def _relay(self, call: Call, reader: _StreamReader, slot: _Slot, started: float) -> Verdict_:
+    async def _commit(self, call: Call, reader: _StreamReader, slot: _Slot, started: float) -> Verdict_:
         """Read up to the commit point and reply; then wait for the requester to read the
         rest. Returns the stream's verdict (None: abandoned)."""
         timeouts = self.config.timeouts
@@ -451,8 +454,11 @@ class ProviderActor:
         tail = _Tail(reader, timeouts.idle, call.deadline, call.scope, lambda verdict: self._release(slot, verdict))
         if _reply(call, StreamOpened(tuple(head), tail, trio.current_time() - started)) is None:
             return None
-        await tail.ended.wait()
-        return tail.verdict
+        with trio.move_on_at(call.deadline + STREAM_GRACE):
+            await tail.ended.wait()
+            return tail.verdict
+        tail.expire()
+        return None
 
     @staticmethod
     def _deadline(start: float, timeout: float, request_deadline: float) -> tuple[float, bool]:
@@ -563,14 +569,17 @@ class _StreamReader:
     ``next_item`` never raises for upstream trouble: it returns an OpenAI chunk, a
     ``StreamEnd`` once the stream finished properly, or a ``StreamBroken`` saying why
     it did not -- except silence: past its deadline it is cancelled, and the
-    ``bounded()`` block it runs in ends with ``cancelled_caught`` set. One scope per
-    block, its deadline moved on each read, rather than a scope per read: a stream
-    has dozens of reads, and entering and leaving a cancel scope cost a sixth of the
-    gateway's CPU for a stream.
+    ``bounded()`` block it runs in ends with ``cancelled_caught`` set. Before the
+    commit point the reads share one block, its deadline moved on each read, rather
+    than a scope per read (entering and leaving cancel scopes cost a sixth of the
+    gateway's CPU for a stream); after it, only a read that must wait for the network
+    has a block of its own (see :class:`_Tail`).
 
     Events are decoded into chunks one at a time, as they are asked for: a read often
     brings a whole stream, and its events' text is a third of the size of the chunks
-    it decodes to (what a gateway with hundreds of streams in flight holds).
+    it decodes to (what a gateway with hundreds of streams in flight holds). Both
+    queues are kept in reverse, so that taking the next one is a ``pop()``; they only
+    ever fill up when empty.
     """
 
     def __init__(self, response: httpx.Response, decoder: StreamDecoder) -> None:
@@ -584,7 +593,7 @@ class _StreamReader:
         self._waiting: trio.CancelScope | None = None
 
     def bounded(self) -> trio.CancelScope:
-        """A cancel scope for a run of ``next_item`` calls (enter it around them)."""
+        """A cancel scope for one or more ``next_item`` calls (enter it around them)."""
         self._waiting = trio.CancelScope()
         return self._waiting
 
@@ -594,14 +603,14 @@ class _StreamReader:
         decoder = self._decoder
         while not self._ready:
             if self._events:
-                self._decode(self._events.pop(0))
+                self._decode(self._events.pop())
                 continue
             if self._broken is not None:
                 return self._broken
             if self._ended or _finished(decoder):
                 return StreamEnd(decoder.finish_reason, decoder.usage)
             return None
-        return self._ready.pop(0)
+        return self._ready.pop()
 
     async def next_item(self, deadline: float) -> StreamItem:
         """The next item; waits for data until ``deadline`` at most (see the class).
@@ -618,14 +627,15 @@ class _StreamReader:
                 data = await self._bytes.__anext__()
             except StopAsyncIteration:
                 self._ended = True
-                if self._decoder.finish_reason is not None:  # clean end without [DONE]
-                    continue
-                return StreamBroken(ErrorClass.TRANSIENT, "the provider's stream ended without finishing")
+                if self._decoder.finish_reason is None:  # else: a clean end without [DONE]
+                    self._broken = StreamBroken(ErrorClass.TRANSIENT, "the provider's stream ended without finishing")
+                continue
             except UPSTREAM_ERRORS as error:
                 error_class, description = classify_exception(error)
-                return StreamBroken(error_class, f"the provider's stream broke: {description}")
+                self._broken = StreamBroken(error_class, f"the provider's stream broke: {description}")
+                continue
             try:
-                self._events.extend(self._sse.feed(data))
+                self._events = self._sse.feed(data)[::-1]
             except MalformedStream as error:
                 self._broken = StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
         return item
@@ -634,7 +644,7 @@ class _StreamReader:
         """Decode one event into ``_ready``, or note in ``_broken`` how it broke the
         stream (the events after it are dropped)."""
         try:
-            self._ready.extend(self._decoder.feed(sse_event))
+            self._ready = self._decoder.feed(sse_event)[::-1]
             return
         except MalformedStream as error:
             broken = StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
@@ -678,8 +688,16 @@ class _Tail:
     The ending, ``StreamEnd`` or ``StreamBroken``, is the attempt's verdict: ``settle``
     (the actor's accounting, synchronous) runs the moment the requester reads it, so
     the provider's slot is free before the requester can make its next call; then
-    ``ended`` wakes the attempt's task, which drains and closes the response. Closing
-    the tail before its ending abandons the attempt: it cancels the call's ``scope``.
+    ``ended`` wakes the attempt's task, which drains and closes the response.
+
+    The attempt is abandoned (settled as neither success nor failure, its ``scope``
+    cancelled, which closes the response) when the tail is closed before its ending;
+    when a read is cancelled while it waits for the network (the response cannot be
+    read on from the middle of a read: the next ``receive`` gives a ``StreamBroken``,
+    after which the router may continue the answer elsewhere); and when the attempt
+    gives up on a requester that has not read the ending ``STREAM_GRACE`` seconds past
+    the request's deadline (every read ends by then: a requester that is not reading
+    has stopped, and must not hold the provider's slot and connection for ever).
     """
 
     def __init__(
@@ -698,29 +716,35 @@ class _Tail:
         self._scope = scope
         self._settle = settle
         self._closed = False
+        #: The ending to give instead of reading on, once the attempt is abandoned.
+        self._lost: StreamBroken | None = None
         self.ended = trio.Event()
         self.verdict: Verdict_ = None
 
     async def receive(self) -> StreamItem:
-        """The next chunk, or the ending; waits for the network only when it must."""
-        self._check()
-        reader = self._reader
-        item = reader.ready_item()
+        """The next chunk, or the ending; waits for the network only when it must.
+
+        A chunk already received is given without a schedule point (only a cancelled
+        caller is stopped, before anything is taken).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        item = self._ready_item()
         if item is None:
             deadline, own = ProviderActor._deadline(trio.current_time(), self._idle, self._deadline)
-            with reader.bounded() as waiting:
-                item = await reader.next_item(deadline)
+            try:
+                with self._reader.bounded() as waiting:
+                    item = await self._reader.next_item(deadline)
+            except BaseException:  # cancelled from outside mid-read (silence is caught above)
+                self._abandon(StreamBroken(ErrorClass.TRANSIENT, "a read of the stream was cancelled midway"))
+                raise
             if waiting.cancelled_caught:
                 silence = _silence(own, "no stream data", 0.0)
                 item = StreamBroken(silence.error_class, silence.message)
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
         return self._deliver(item)
 
     def receive_nowait(self) -> StreamItem:
         """A chunk or the ending already at hand; ``trio.WouldBlock`` otherwise."""
-        self._check()
-        item = self._reader.ready_item()
+        item = self._ready_item()
         if item is None:
             raise trio.WouldBlock
         return self._deliver(item)
@@ -729,7 +753,12 @@ class _Tail:
         """Stop reading; before the ending, abandon the attempt (never blocks)."""
         self._closed = True
         if not self.ended.is_set():
-            self._scope.cancel()
+            self._abandon(None)
+
+    def expire(self) -> None:
+        """The attempt gives up on its requester (see the class); only the attempt calls it."""
+        self._abandon(StreamBroken(ErrorClass.DEADLINE,
+                                   "the request's deadline passed before the stream was read to its end"))
 
     def __aiter__(self) -> _Tail:
         return self
@@ -740,11 +769,14 @@ class _Tail:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
-    def _check(self) -> None:
+    def _ready_item(self) -> StreamItem | None:
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         if self.ended.is_set():
             raise trio.EndOfChannel
+        if self._lost is not None:
+            return self._lost
+        return self._reader.ready_item()
 
     def _deliver(self, item: StreamItem) -> StreamItem:
         if not isinstance(item, dict):
@@ -752,6 +784,12 @@ class _Tail:
             self._settle(self.verdict)
             self.ended.set()
         return item
+
+    def _abandon(self, ending: StreamBroken | None) -> None:
+        if self._lost is None:
+            self._lost = ending
+            self._settle(None)
+            self._scope.cancel()
 
 
 def _finished(decoder: StreamDecoder) -> bool:

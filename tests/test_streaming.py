@@ -409,9 +409,67 @@ async def test_http_a_client_leaving_mid_stream_closes_the_upstream_within_50ms(
     assert trio.current_time() - left < 0.05
 
 
+async def test_a_read_cancelled_midway_gives_up_the_call_and_reading_on_continues(autojump_clock, gw, mock_state):
+    fault(mock_state, chunk_delay_ms=500)
+    async with gw.stream_chat_completion(REQUEST) as stream:
+        chunks = [await stream.__anext__(), await stream.__anext__()]  # the role, the first word
+        with trio.move_on_after(0.1) as waited:
+            await stream.__anext__()  # the next word is 500 ms away
+        assert waited.cancelled_caught
+        await trio.testing.wait_all_tasks_blocked()
+        assert mock_state["openai"].stats.disconnects == 1  # the call was given up at once
+        chunks += [chunk async for chunk in stream]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == REPLY and stream.continuations == 1  # nothing lost, nothing twice
+    health = await gw.health()
+    assert health["providers"]["openai"]["totals"] == {"cancelled": 1}  # not the provider's failure
+    await assert_healthy(gw)
+
+
+async def test_a_stream_nobody_reads_gives_its_slot_back_after_the_deadline(autojump_clock, gw, mock_state):
+    fault(mock_state, chunk_delay_ms=3000)  # still streaming well past the deadline
+    stream = await gw.open_stream(REQUEST, timeout=10)
+    try:
+        await stream.__anext__()
+        await trio.sleep(10 + providers.actor.STREAM_GRACE + 4)  # the requester is stuck elsewhere
+        health = await gw.health()
+        assert health["providers"]["openai"]["in_flight"] == 0
+        assert health["providers"]["openai"]["totals"] == {"cancelled": 1}
+        assert mock_state["openai"].stats.disconnects == 1
+        with pytest.raises(StreamInterrupted, match="deadline passed before the stream was read"):
+            async for _ in stream:
+                pass
+        assert mock_state["anthropic"].stats.requests == 0  # past the deadline: no continuation
+    finally:
+        stream.close()
+    await assert_healthy(gw)
+
+
+async def test_closing_from_another_task_mid_read_starts_no_continuation(autojump_clock, gw, mock_state):
+    fault(mock_state, chunk_delay_ms=500)
+    stream = await gw.open_stream(REQUEST)
+    outcome: list[BaseException | None] = []
+
+    async def read_all() -> None:
+        try:
+            async for _ in stream:
+                pass
+            outcome.append(None)
+        except StreamInterrupted as error:
+            outcome.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await trio.sleep(0.6)  # the reader waits for the provider
+        stream.close()
+    assert isinstance(outcome[0], StreamInterrupted)
+    assert mock_state["anthropic"].stats.requests == 0
+    await assert_healthy(gw)
+
+
 async def test_chunks_already_here_come_in_one_batch_and_the_ending_is_kept(autojump_clock, gw):
     async with gw.stream_chat_completion(REQUEST) as chunks:
-        await trio.sleep(1)  # the provider runs ahead: chunks wait in the actor's channel
+        await trio.sleep(1)  # the provider runs ahead: its chunks wait, received, unread
         batches = []
         while True:
             try:
