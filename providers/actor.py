@@ -724,10 +724,11 @@ class _Tail:
     async def receive(self) -> StreamItem:
         """The next chunk, or the ending; waits for the network only when it must.
 
-        A chunk already received is given without a schedule point (only a cancelled
-        caller is stopped, before anything is taken).
+        Always a checkpoint, before anything is taken (as a channel's ``receive``):
+        reads of a provider that sends faster than its client is served never wait,
+        and must not keep every other task waiting instead.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await trio.lowlevel.checkpoint()
         item = self._ready_item()
         if item is None:
             deadline, own = ProviderActor._deadline(trio.current_time(), self._idle, self._deadline)

@@ -193,6 +193,16 @@ async def test_cancelling_mid_stream_stops_the_upstream_stream(autojump_clock, n
     assert snapshot.totals == {"cancelled": 1} and snapshot.in_flight == 0
 
 
+async def test_a_stream_read_yields_to_other_tasks_even_with_its_chunks_at_hand(autojump_clock, nursery, transport):
+    actor = await start(nursery, transport)
+    opened, _ = await ask(actor, stream=True)
+    assert isinstance(opened, StreamOpened)
+    await trio.sleep(1)  # the whole stream has arrived
+    with trio.testing.assert_checkpoints():
+        assert isinstance(await opened.chunks.receive(), dict)
+    opened.chunks.close()
+
+
 async def test_saturation_refuses_at_once(autojump_clock, nursery, transport, mock_state):
     import attrs
 
