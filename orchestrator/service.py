@@ -143,17 +143,19 @@ class Orchestrator:
         except GatewayError as error:
             self._log_failure(journey, error)
             raise
+        stream = None
         try:
             if enabled(INFO):
                 event(INFO, journey.request_id, "stream_committed",
                       f"streaming from {opened.deployment.provider} after {journey.network_attempts} attempts",
                       provider=opened.deployment.provider)
-            return _CountedChunkStream(self, router=self._router, request=chat, journey=journey, opened=opened)
-        except BaseException:  # no stream to close it: give the call and the slot back here
-            opened.outcome.chunks.close()  # type: ignore[union-attr]
-            opened.scope.cancel()
-            self._in_flight -= 1
-            raise
+            stream = _CountedChunkStream(self, router=self._router, request=chat, journey=journey, opened=opened)
+            return stream
+        finally:
+            if stream is None:  # no stream to close it: give the call and the slot back here
+                opened.outcome.chunks.close()  # type: ignore[union-attr]
+                opened.scope.cancel()
+                self._in_flight -= 1
 
     @asynccontextmanager
     async def stream_chat_completion(

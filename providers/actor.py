@@ -735,7 +735,7 @@ class _Tail:
             try:
                 with self._reader.bounded() as waiting:
                     item = await self._reader.next_item(deadline)
-            except BaseException:  # cancelled from outside mid-read (silence is caught above)
+            except BaseException:  # cancelled from outside mid-read (silence is caught above): re-raised
                 self._abandon(StreamBroken(ErrorClass.TRANSIENT, "a read of the stream was cancelled midway"))
                 raise
             if waiting.cancelled_caught:
