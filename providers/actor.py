@@ -732,12 +732,13 @@ class _Tail:
         item = self._ready_item()
         if item is None:
             deadline, own = ProviderActor._deadline(trio.current_time(), self._idle, self._deadline)
+            waiting = self._reader.bounded()
             try:
-                with self._reader.bounded() as waiting:
+                with waiting:
                     item = await self._reader.next_item(deadline)
-            except BaseException:  # cancelled from outside mid-read (silence is caught above): re-raised
-                self._abandon(StreamBroken(ErrorClass.TRANSIENT, "a read of the stream was cancelled midway"))
-                raise
+            finally:
+                if item is None and not waiting.cancelled_caught:  # stopped from outside mid-read
+                    self._abandon(StreamBroken(ErrorClass.TRANSIENT, "a read of the stream was cancelled midway"))
             if waiting.cancelled_caught:
                 silence = _silence(own, "no stream data", 0.0)
                 item = StreamBroken(silence.error_class, silence.message)
