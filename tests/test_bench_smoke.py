@@ -52,4 +52,7 @@ def test_the_bench_runs_end_to_end_in_smoke_mode(tmp_path):
     assert "| mock | mode | conns | target |" in finished.stdout
     for check in result["targets"]:
         if check["name"].startswith("two workers"):
-            assert check["detail"].endswith("medians of 1 interleaved round")
+            # Judged on the interleaved round -- unless a 0.3 s cell on a shared machine
+            # was refused (noise, say), which the detail then names instead.
+            detail = check["detail"]
+            assert detail.endswith("medians of 1 interleaved round") or " refused: " in detail, detail
