@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import errno
 import socket
 import struct
 import subprocess
@@ -23,10 +24,12 @@ from quart_trio import QuartTrio
 
 from mock_server import create_app
 from orchestrator.hosting import (
+    ACCEPT_BATCH,
     DISCONNECT_EXTENSION,
     YOUNG_COLLECTION_THRESHOLD,
     ShieldedHTTPConnection,
     _Connection,
+    accept_connections,
     serve,
 )
 
@@ -423,3 +426,102 @@ async def test_a_request_arriving_as_the_keep_alive_deadline_passes_is_answered(
                    for event in client.receive_data(answer))
     else:
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+
+
+
+def listening_socket(backlog: int = 256) -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+async def parked(served: list[trio.SocketStream], stream: trio.SocketStream) -> None:
+    served.append(stream)
+    await trio.sleep_forever()
+
+
+async def test_every_connection_waiting_is_accepted_in_one_pass():
+    # Clients whose handshakes the kernel has completed all have their handler's task
+    # before any handler runs: a busy server does not make a burst wait a pass each.
+    with listening_socket() as listener:
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(40)]
+        tasks_seen: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def handler(stream: trio.SocketStream) -> None:
+                tasks_seen.append(len(nursery.child_tasks))
+                await trio.sleep_forever()
+
+            nursery.start_soon(accept_connections, listener, handler, nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(tasks_seen) == 40
+            assert tasks_seen[0] == 41  # the accept loop and every connection's task
+            nursery.cancel_scope.cancel()
+        for client in clients:
+            client.close()
+
+
+async def test_a_burst_larger_than_a_batch_is_accepted_in_batches():
+    with listening_socket(backlog=2 * ACCEPT_BATCH) as listener:
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(ACCEPT_BATCH + 10)]
+        tasks_seen: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def handler(stream: trio.SocketStream) -> None:
+                tasks_seen.append(len(nursery.child_tasks))
+                await trio.sleep_forever()
+
+            nursery.start_soon(accept_connections, listener, handler, nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(tasks_seen) == ACCEPT_BATCH + 10
+            # One batch, then the loop let the handlers run before it took the rest.
+            assert tasks_seen[0] == ACCEPT_BATCH + 1
+            nursery.cancel_scope.cancel()
+        for client in clients:
+            client.close()
+
+
+async def test_accepting_keeps_going_through_errors_trio_would_survive(autojump_clock, caplog):
+    # EMFILE is logged and retried after a pause (the connection stays in the backlog);
+    # a connection aborted before it was accepted is skipped; a closed socket ends the loop.
+    errors = [OSError(errno.EMFILE, "Too many open files"), OSError(errno.ECONNABORTED, "aborted")]
+
+    class Flaky:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            if errors:
+                raise errors.pop(0)
+            return self.sock.accept()
+
+    with listening_socket() as listener, socket.create_connection(listener.getsockname()):
+        served: list[trio.SocketStream] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_connections, Flaky(listener), partial(parked, served), nursery)
+            with trio.fail_after(1):
+                while not served:
+                    await trio.sleep(0.01)
+            assert not errors
+            assert "Too many open files" in caplog.text
+            trio.lowlevel.notify_closing(listener)  # the loop, waiting for more, ends
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_listening_socket_closed_ends_accepting():
+    class Closed:
+        def fileno(self) -> int:
+            return -1
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            await accept_connections(Closed(), partial(parked, []), nursery)
