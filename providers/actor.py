@@ -207,6 +207,12 @@ class ProviderActor:
         try:
             async with trio.open_nursery() as attempts:
                 task_status.started(ActorHandle(self.config.name, self.config.kind, self._inbox_send))
+                # One message per pass of the scheduler (each receive is a checkpoint).
+                # Under overload that makes the inbox the queue: a call waiting here
+                # costs its requester's task and little else. Taking every waiting call
+                # at once was tried: 12% less CPU per request with 500 in flight, but
+                # each admitted call then holds an attempt task and an upstream
+                # connection, and memory in flight grew by a quarter.
                 async for message in self._inbox:
                     if isinstance(message, Call):
                         self._admit(message, attempts, pool)
