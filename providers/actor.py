@@ -78,7 +78,7 @@ from providers.adapter import (
 )
 from providers.breaker import Admission, Breaker, CircuitState, Verdict, describe_transition
 from providers.classify import classify_exception, classify_response, parse_retry_after
-from providers.pool import ClientPool, body_pieces
+from providers.pool import KEEPALIVE_EXPIRY, ClientPool, body_pieces
 from providers.sse import ServerSentEvent, SSEDecoder
 
 __all__ = ["ActorHandle", "ActorStopped", "ProviderActor", "make_adapter"]
@@ -206,6 +206,8 @@ class ProviderActor:
         )
         try:
             async with trio.open_nursery() as attempts:
+                sweeping = trio.CancelScope()
+                attempts.start_soon(_close_stale_connections, pool, sweeping)
                 task_status.started(ActorHandle(self.config.name, self.config.kind, self._inbox_send))
                 # One message per pass of the scheduler (each receive is a checkpoint).
                 # Under overload that makes the inbox the queue: a call waiting here
@@ -221,6 +223,7 @@ class ProviderActor:
                         self._reset(message.reason)
                     message.reply.send_nowait(self._snapshot())
                     message.reply.close()
+                sweeping.cancel()  # the attempts in flight still finish
         finally:
             self._close_inbox()
             await pool.aclose()
@@ -567,6 +570,17 @@ class _Slot:
     #: While the attempt waits under a deadline on ``call.scope``: what it waits for,
     #: whether the deadline is the provider's own timeout, when it started, the deadline.
     silence: tuple[str, bool, float, float] | None = None
+
+
+async def _close_stale_connections(pool: ClientPool, scope: trio.CancelScope) -> None:
+    """Every ``KEEPALIVE_EXPIRY`` seconds, close the pool's idle connections that will
+    not be reused (``ClientPool.close_stale``): after a burst, a provider that has gone
+    quiet would otherwise keep its peak's connections, and their file descriptors, for
+    as long as it stays quiet. Runs until ``scope`` is cancelled."""
+    with scope:
+        while True:
+            await trio.sleep(KEEPALIVE_EXPIRY)
+            pool.close_stale()
 
 
 class _StreamReader:

@@ -98,14 +98,23 @@ class ClientPool:
         per_shard = max(1, -(-max_connections // shards))
         timeout = httpx.Timeout(None, connect=connect_timeout)
         self._clients: list[httpx.AsyncClient] = []
+        self._transports: list[LeanTransport] = []
         for _ in range(shards):
-            shard_transport = transport if transport is not None else LeanTransport(max_connections=per_shard)
+            shard_transport = transport
+            if shard_transport is None:
+                shard_transport = LeanTransport(max_connections=per_shard)
+                self._transports.append(shard_transport)
             self._clients.append(UpstreamClient(transport=shard_transport, timeout=timeout, trust_env=False))
         self._owns_transports = transport is None
         self._next = cycle(self._clients).__next__
 
     def next(self) -> httpx.AsyncClient:
         return self._next()
+
+    def close_stale(self) -> int:
+        """Close the idle connections no longer worth keeping (see
+        :meth:`LeanTransport.close_stale`); return how many. Never blocks."""
+        return sum(transport.close_stale() for transport in self._transports)
 
     async def aclose(self) -> None:
         """Close every shard's connections (shielded: this runs during cancellation).
@@ -210,6 +219,31 @@ class LeanTransport(httpx.AsyncBaseTransport):
             stream=body,
             extensions={"http_version": b"HTTP/1.%d" % http_version, "reason_phrase": reason},
         )
+
+    def close_stale(self) -> int:
+        """Close the idle connections that would not be reused: idle past
+        ``KEEPALIVE_EXPIRY``, or closed by the server meanwhile. Returns how many.
+
+        A connection is otherwise only looked at when a request takes it, so after a
+        burst the pool would keep every connection of its peak -- each a file
+        descriptor, most of them closed by the server and left in ``CLOSE_WAIT`` --
+        until traffic came back. Never blocks.
+        """
+        now = trio.current_time()
+        closed = 0
+        for origin, stack in list(self._idle.items()):
+            keep = []
+            for connection in stack:
+                if connection.reusable(now):
+                    keep.append(connection)
+                else:
+                    connection.close()
+                    closed += 1
+            if keep:
+                self._idle[origin] = keep
+            else:
+                del self._idle[origin]
+        return closed
 
     async def aclose(self) -> None:
         """Close the idle connections; connections still in use close when their response does."""

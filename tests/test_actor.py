@@ -28,6 +28,7 @@ from orchestrator.messages import (
     StreamOpened,
 )
 from providers.actor import DRAIN_SECONDS, ActorStopped, ProviderActor
+from providers.pool import KEEPALIVE_EXPIRY
 from rawserver import serving
 
 BODY = {"model": "gpt-4", "messages": [{"role": "user", "content": "hello there"}]}
@@ -338,6 +339,26 @@ async def test_a_finished_streams_connection_is_kept_only_if_its_body_ends(nurse
         assert server.connections == connections
         await trio.sleep(DRAIN_SECONDS * 2)  # a drain that waits in vain gives up, and settles
         assert (await actor.snapshot()).totals == {"ok": 2}
+
+
+async def test_a_quiet_providers_idle_connections_are_closed_after_the_keep_alive_expiry(autojump_clock, nursery):
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(SSE_HEAD + ANSWER + b"0\r\n\r\n")
+
+    async with serving(answer) as server:
+        actor = await start_against(nursery, server)
+        async with trio.open_nursery() as burst:
+            for _ in range(3):
+                burst.start_soon(stream_through, actor)
+        assert server.open_connections == 3  # kept for reuse
+        await trio.sleep(KEEPALIVE_EXPIRY / 2)
+        assert server.open_connections == 3
+        await trio.sleep(KEEPALIVE_EXPIRY * 2)
+        with trio.fail_after(5):
+            while server.open_connections:  # our closes land
+                await trio.sleep(0.01)
+        assert isinstance((await stream_through(actor))[-1], StreamEnd)
+        assert server.connections == 4
 
 
 async def test_a_draining_stream_no_longer_counts_as_in_flight(nursery):

@@ -189,6 +189,28 @@ async def test_an_idle_connection_the_server_closed_is_not_reused():
         assert server.connections == 2
 
 
+async def test_close_stale_closes_the_idle_connections_that_would_not_be_reused(autojump_clock):
+    transport = LeanTransport(max_connections=8)
+    async with serving(reply(OK)) as keeping, serving(reply(OK, close=True)) as closing, \
+            UpstreamClient(transport=transport, timeout=httpx.Timeout(None, connect=5.0)) as upstream:
+        for server in (keeping, closing):
+            assert (await upstream.post(server.url, content=b"")).status_code == 200
+        with trio.fail_after(5):
+            while closing.open_connections:  # the server's close lands
+                await trio.sleep(0.01)
+        assert transport.close_stale() == 1  # closed by its server: ours goes too
+        await trio.sleep(1)
+        assert transport.close_stale() == 0 and keeping.open_connections == 1
+        await trio.sleep(providers.pool.KEEPALIVE_EXPIRY)
+        assert transport.close_stale() == 1  # idle past the expiry
+        with trio.fail_after(5):
+            while keeping.open_connections:
+                await trio.sleep(0.01)
+        assert transport.close_stale() == 0
+        assert (await upstream.post(keeping.url, content=b"")).status_code == 200
+        assert keeping.connections == 2
+
+
 async def test_requests_beyond_max_connections_wait_for_a_slot():
     async with serving(reply(OK)) as server, client(max_connections=2) as upstream:
         async with trio.open_nursery() as nursery:
