@@ -204,6 +204,42 @@ async def test_a_stream_read_yields_to_other_tasks_even_with_its_chunks_at_hand(
     opened.chunks.close()
 
 
+async def test_calls_given_up_while_queued_are_dropped_together(autojump_clock, nursery, transport):
+    # Hundreds of clients leaving at once leave their calls in the inbox: the actor drops
+    # them all in one pass, not one per pass, so a live call behind them waits no longer.
+    passes = 0
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            await trio.lowlevel.checkpoint()
+            passes += 1
+
+    arrived: list[int] = []
+
+    class Dated(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            arrived.append(passes)
+            return await transport.handle_async_request(request)
+
+    actor = await start(nursery, Dated())
+    async with trio.open_nursery() as counting:
+        counting.start_soon(count_passes)
+        dead = [call() for _ in range(40)]
+        for message, _ in dead:
+            message.scope.cancel()  # as Router._attempt does when its requester leaves
+            assert actor.submit(message)
+        live, reply = call()
+        assert actor.submit(live)
+        submitted = passes
+        assert isinstance(await reply.receive(), Completed)
+        counting.cancel_scope.cancel()
+    assert arrived and arrived[0] - submitted <= 3
+    for _, dead_reply in dead:
+        with pytest.raises(trio.EndOfChannel):
+            await dead_reply.receive()  # closed without a value: nothing was sent
+
+
 async def test_saturation_refuses_at_once(autojump_clock, nursery, transport, mock_state):
     import attrs
 
