@@ -442,45 +442,40 @@ async def parked(served: list[trio.SocketStream], stream: trio.SocketStream) -> 
     await trio.sleep_forever()
 
 
+async def tasks_seen_by_handlers(clients: int, backlog: int = 256) -> list[int]:
+    """Connect ``clients`` at once, then accept them: for each handler in the order they
+    ran, how many tasks the accept loop had started by the time it ran (the loop's own
+    included)."""
+    with listening_socket(backlog) as listener:
+        connected = [socket.create_connection(listener.getsockname()) for _ in range(clients)]
+        tasks_seen: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def handler(stream: trio.SocketStream) -> None:
+                tasks_seen.append(len(nursery.child_tasks))
+                await trio.sleep_forever()
+
+            nursery.start_soon(accept_connections, listener, handler, nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        for client in connected:
+            client.close()
+    return tasks_seen
+
+
 async def test_every_connection_waiting_is_accepted_in_one_pass():
     # Clients whose handshakes the kernel has completed all have their handler's task
     # before any handler runs: a busy server does not make a burst wait a pass each.
-    with listening_socket() as listener:
-        clients = [socket.create_connection(listener.getsockname()) for _ in range(40)]
-        tasks_seen: list[int] = []
-        async with trio.open_nursery() as nursery:
-
-            async def handler(stream: trio.SocketStream) -> None:
-                tasks_seen.append(len(nursery.child_tasks))
-                await trio.sleep_forever()
-
-            nursery.start_soon(accept_connections, listener, handler, nursery)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(tasks_seen) == 40
-            assert tasks_seen[0] == 41  # the accept loop and every connection's task
-            nursery.cancel_scope.cancel()
-        for client in clients:
-            client.close()
+    tasks_seen = await tasks_seen_by_handlers(40)
+    assert len(tasks_seen) == 40
+    assert tasks_seen[0] == 41  # the accept loop and every connection's task
 
 
 async def test_a_burst_larger_than_a_batch_is_accepted_in_batches():
-    with listening_socket(backlog=2 * ACCEPT_BATCH) as listener:
-        clients = [socket.create_connection(listener.getsockname()) for _ in range(ACCEPT_BATCH + 10)]
-        tasks_seen: list[int] = []
-        async with trio.open_nursery() as nursery:
-
-            async def handler(stream: trio.SocketStream) -> None:
-                tasks_seen.append(len(nursery.child_tasks))
-                await trio.sleep_forever()
-
-            nursery.start_soon(accept_connections, listener, handler, nursery)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(tasks_seen) == ACCEPT_BATCH + 10
-            # One batch, then the loop let the handlers run before it took the rest.
-            assert tasks_seen[0] == ACCEPT_BATCH + 1
-            nursery.cancel_scope.cancel()
-        for client in clients:
-            client.close()
+    tasks_seen = await tasks_seen_by_handlers(ACCEPT_BATCH + 10, backlog=2 * ACCEPT_BATCH)
+    assert len(tasks_seen) == ACCEPT_BATCH + 10
+    # One batch, then the loop let the handlers run before it took the rest.
+    assert tasks_seen[0] == ACCEPT_BATCH + 1
 
 
 async def test_accepting_keeps_going_through_errors_trio_would_survive(autojump_clock, caplog):
