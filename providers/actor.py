@@ -227,7 +227,11 @@ class ProviderActor:
                         except trio.EndOfChannel:
                             break
                     else:
-                        await trio.lowlevel.checkpoint()
+                        try:
+                            await trio.lowlevel.checkpoint()
+                        except BaseException:  # stopping: answered as the queued ones are
+                            message.reply.close()
+                            raise
                     self._handle(message, attempts, pool)
                     message = self._next_live_message()
                 sweeping.cancel()  # the attempts in flight still finish

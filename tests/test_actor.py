@@ -240,6 +240,19 @@ async def test_calls_given_up_while_queued_are_dropped_together(autojump_clock, 
             await dead_reply.receive()  # closed without a value: nothing was sent
 
 
+async def test_a_call_taken_from_the_inbox_as_the_actor_stops_is_answered(autojump_clock, transport):
+    # The actor takes the next live call before its checkpoint; stopping there must end
+    # that call's wait as it ends the queued ones', not leave it to its deadline.
+    async with trio.open_nursery() as nursery:
+        actor = await start(nursery, transport)
+        await trio.testing.wait_all_tasks_blocked()  # the actor waits on its inbox
+        (first, _), (second, second_reply) = call(), call()
+        assert actor.submit(first) and actor.submit(second)
+        nursery.cancel_scope.cancel()  # the actor wakes with the first, and stops
+    with trio.fail_after(1), pytest.raises(trio.EndOfChannel):
+        await second_reply.receive()
+
+
 async def test_saturation_refuses_at_once(autojump_clock, nursery, transport, mock_state):
     import attrs
 
