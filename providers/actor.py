@@ -204,6 +204,8 @@ class ProviderActor:
             connect_timeout=self.config.timeouts.connect,
             transport=self._transport,
         )
+        # The next live message, taken out of the inbox, between two passes.
+        held: Call | SnapshotRequest | ResetRequest | None = None
         try:
             async with trio.open_nursery() as attempts:
                 sweeping = trio.CancelScope()
@@ -219,23 +221,21 @@ class ProviderActor:
                 # or SDK timing out), their dead calls would fill the inbox for hundreds
                 # of passes, and the new ones be refused as saturated meanwhile; each
                 # pass drops every dead call before the next live one.
-                message = None
                 while True:
-                    if message is None:
+                    if held is None:
                         try:
                             message = await self._inbox.receive()
                         except trio.EndOfChannel:
                             break
                     else:
-                        try:
-                            await trio.lowlevel.checkpoint()
-                        except BaseException:  # stopping: answered as the queued ones are
-                            message.reply.close()
-                            raise
+                        await trio.lowlevel.checkpoint()
+                        message, held = held, None
                     self._handle(message, attempts, pool)
-                    message = self._next_live_message()
+                    held = self._next_live_message()
                 sweeping.cancel()  # the attempts in flight still finish
         finally:
+            if held is not None:  # stopped between two passes: answered as the queued ones are
+                held.reply.close()
             self._close_inbox()
             await pool.aclose()
 
