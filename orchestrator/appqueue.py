@@ -39,18 +39,20 @@ class AppQueue:
     """A bounded queue of ASGI messages, ``max_size`` long (0: each send waits for a receive).
 
     ``send`` blocks while the queue is full, ``receive`` while it is empty; both are
-    cancellable, and a cancelled one leaves the queue as it was. ``send`` is always a
-    scheduling point, as a trio channel's is; ``receive`` only when it waits (the app
-    has one soon after: its answer's socket write).
+    cancellable, and a cancelled one leaves the queue as it was. ``send`` is a
+    scheduling point, as a trio channel's is, except in the task that takes the
+    messages (see ``send``); ``receive`` only when it waits (the app has one soon
+    after: its answer's socket write).
     """
 
-    __slots__ = ("_messages", "_max_size", "_receivers", "_senders")
+    __slots__ = ("_consumer", "_messages", "_max_size", "_receivers", "_senders")
 
     def __init__(self, max_size: int) -> None:
         self._messages: list[Message] = []
         self._max_size = max_size
         self._receivers: list[Task] = []  # waiting for a message: only when none is queued
         self._senders: list[tuple[Task, Message]] = []  # waiting for room: only when full
+        self._consumer: Task | None = None  # the task that last asked for a message
 
     @property
     def full(self) -> bool:
@@ -72,7 +74,10 @@ class AppQueue:
             # As a trio channel's send does: let the app run before the read loop goes
             # on. It answers before the read loop next looks at the socket, which then
             # finds the client's next request already there instead of waiting for it.
-            await cancel_shielded_checkpoint()
+            # Not when the app sends to itself (``http.disconnect``, queued from its own
+            # last ``send`` once its response is out): it would only wait a pass to end.
+            if current_task() is not self._consumer:
+                await cancel_shielded_checkpoint()
             return
         task = current_task()
         waiting = (task, message)
@@ -86,6 +91,7 @@ class AppQueue:
 
     def receive_nowait(self) -> Message:
         """The next message; raises ``trio.WouldBlock`` if there is none yet."""
+        self._consumer = current_task()
         if self._messages:
             message = self._messages.pop(0)
             if self._senders:  # room for the longest-waiting sender's message

@@ -291,8 +291,13 @@ class Http1Protocol:
         return self._requests_parsed >= self.keep_alive_requests
 
     async def _previous_cycle_ended(self) -> bool:
-        """Wait for the current response to end; False if the connection closes instead."""
-        await self._cycle_ended.wait()
+        """Wait for the current response to end; False if the connection closes instead.
+
+        Not a checkpoint when it has already ended (``Event.wait`` always is): the
+        request served next has one on its way to the app (see ``_start_request``).
+        """
+        if not self._cycle_ended.is_set():
+            await self._cycle_ended.wait()
         return not self._closed
 
     async def _start_request(self, head: _RequestHead) -> None:
@@ -309,7 +314,7 @@ class Http1Protocol:
                 return
             expects_continue = expects_continue or (name == b"expect" and value.lower() == b"100-continue")
         await self.send(Updated(idle=False))
-        self.stream = HTTPStream(
+        stream = self.stream = HTTPStream(
             self.app,
             self.config,
             self.context,
@@ -320,7 +325,7 @@ class Http1Protocol:
             self.stream_send,
             STREAM_ID,
         )
-        await self.stream.handle(
+        await stream.handle(
             Request(
                 stream_id=STREAM_ID,
                 headers=head.headers,
@@ -330,6 +335,12 @@ class Http1Protocol:
                 state=self.connection_state,
             )
         )
+        if stream.closed:
+            # Answered without an app (hypercorn's 404 for a server name not served):
+            # no message on an AppQueue, whose send is this read loop's checkpoint, so
+            # one here. Without it, a client pipelining such requests would keep the
+            # loop from yielding for as long as it kept sending.
+            await trio.lowlevel.checkpoint()
         self.keep_alive_requests += 1
         await self.context.mark_request()
         if expects_continue and head.version == "1.1" and self._framing is None:

@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from orchestrator.appqueue import AppQueue
+from scheduling import counting_suspensions
 
 
 def message(n: int) -> dict[str, object]:
@@ -100,3 +101,18 @@ async def test_a_cancelled_scope_stops_a_send_and_a_receive_before_they_act():
         scope.cancel()
         await queue.receive()
     assert scope.cancelled_caught and queue.receive_nowait() == message(1)
+
+
+
+async def test_a_send_lets_the_app_run_first_unless_the_app_itself_sends():
+    # The connection's send yields, so the app answers before the read loop goes on;
+    # the app's own (its http.disconnect, queued from its last send) has nobody to wait for.
+    queue = AppQueue(4)
+    with counting_suspensions() as suspensions:
+        await queue.send(message(0))  # this task has not taken a message: not the app
+    assert suspensions.count == 1
+    assert queue.receive_nowait() == message(0)  # now it is the task that takes them
+    with counting_suspensions() as suspensions:
+        await queue.send(message(1))
+    assert suspensions.count == 0
+    assert queue.receive_nowait() == message(1)

@@ -12,6 +12,7 @@ import trio
 from hypercorn.config import Config
 
 from orchestrator.hosting import serve
+from scheduling import counting_suspensions
 
 
 def address(url: str) -> tuple[str, int]:
@@ -189,6 +190,39 @@ async def test_requests_on_a_kept_alive_connection_and_a_chunked_request_body(ec
     )
     bodies = [body for _, _, body in split_responses(data)]
     assert bodies == [b"POST /1 one", b"POST /2 two three", b"GET /3 "]
+
+
+async def test_a_kept_alive_request_costs_its_connection_two_steps_and_its_app_one(nursery):
+    # The read loop wakes with the request and hands it to a new app task, whose queue's
+    # send lets the app answer before the loop goes on (step one); then it waits for the
+    # next request (step two). No other hop: the previous response has ended, so starting
+    # this one does not wait for it, and the app's answer ends within its own step.
+    async def answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await EchoApp()(scope, receive, send)
+            return
+        body = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    [url] = await nursery.start(partial(serve, answer))
+    stream = await trio.open_tcp_stream(*address(url))
+    requests = 5
+
+    async def ask() -> None:
+        await stream.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+        received = b""
+        while not received.endswith(b"\r\n\r\nhi"):
+            received += await stream.receive_some()
+
+    with trio.fail_after(5):
+        await ask()  # the connection is accepted and served once: what follows is steady
+        with counting_suspensions() as suspensions:
+            for _ in range(requests):
+                await ask()
+    await stream.aclose()
+    assert suspensions.by_name["_serve_connection"] == 2 * requests
+    assert suspensions.by_name["_handle"] == requests
 
 
 async def test_a_connection_closes_after_keep_alive_max_requests(echo, monkeypatch):
