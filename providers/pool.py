@@ -200,7 +200,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if self._closed:
             raise RuntimeError("the transport is closed")
         payload = _serialize(request, await request.aread())
-        await self._slots.acquire()
+        try:
+            # A free slot is taken without a trip through the scheduler (acquire() always
+            # makes one): the request's write and the wait for its answer follow at once.
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
         connection: _Connection | None = None
         body: _Body | None = None
         try:

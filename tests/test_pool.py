@@ -24,6 +24,7 @@ import trio
 import providers.pool
 from providers.pool import ClientPool, LeanTransport, ResponseTooLarge, UpstreamClient, body_pieces
 from rawserver import Server, reply, serving
+from scheduling import counting_suspensions
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
 
@@ -218,6 +219,16 @@ async def test_requests_beyond_max_connections_wait_for_a_slot():
                 nursery.start_soon(partial(upstream.post, server.url, content=b""))
         assert server.most_open <= 2
         assert len(server.received) == 6
+
+
+async def test_a_request_with_a_free_slot_waits_only_for_its_answer():
+    # Taking a free slot is not a trip through the scheduler: the request is written in
+    # the step that sends it, and its task sleeps once, until the answer is in.
+    async with serving(reply(OK)) as server, client() as upstream:
+        await upstream.post(server.url, content=b"")  # the connection is open and idle now
+        with counting_suspensions() as suspensions:
+            assert (await upstream.post(server.url, content=b"")).status_code == 200
+        assert suspensions.count == 1
 
 
 async def test_a_stream_closed_early_gives_its_slot_back():
