@@ -59,11 +59,12 @@ class Reply(Generic[T]):
     call, and the channel's bookkeeping on every send and receive).
     """
 
-    __slots__ = ("_closed", "_abandoned", "_has_value", "_value", "_waiter")
+    __slots__ = ("_closed", "_abandoned", "_receive_cancelled", "_has_value", "_value", "_waiter")
 
     def __init__(self) -> None:
         self._closed = False  # no value will come any more
         self._abandoned = False  # the receiver is gone
+        self._receive_cancelled = False
         self._has_value = False
         self._value: T | None = None
         self._waiter: trio.lowlevel.Task | None = None
@@ -102,6 +103,7 @@ class Reply(Generic[T]):
 
             def abort(_: object) -> trio.lowlevel.Abort:
                 self._waiter = None
+                self._receive_cancelled = True
                 return trio.lowlevel.Abort.SUCCEEDED
 
             await trio.lowlevel.wait_task_rescheduled(abort)
@@ -114,6 +116,12 @@ class Reply(Generic[T]):
     def abandon(self) -> None:
         """The receiver stops listening: a later ``send_nowait`` raises ``BrokenResourceError``."""
         self._abandoned = True
+
+    @property
+    def receive_cancelled(self) -> bool:
+        """Whether a ``receive`` was cancelled while it waited: set as the cancellation
+        is delivered, synchronously, by whoever cancelled the receiver's scope."""
+        return self._receive_cancelled
 
     def _wake(self) -> None:
         if self._waiter is not None:
@@ -199,6 +207,13 @@ class Call:
     deadline: float
     scope: trio.CancelScope
     reply: Reply[Outcome]
+
+    @property
+    def given_up(self) -> bool:
+        """Whether the requester has stopped waiting: ``scope`` cancelled, or its wait
+        for ``reply`` cancelled (the router never waits twice). The latter is true the
+        moment the requester is cancelled, before its task next runs."""
+        return self.scope.cancel_called or self.reply.receive_cancelled
 
 
 @attrs.frozen(eq=False)

@@ -98,6 +98,11 @@ DRAIN_BYTES = 16 * 1024
 
 _SUCCESS = "ok"
 
+#: Room in a provider's inbox for calls given up while they waited, in multiples of the
+#: live calls it holds: a memory bound, reached only if clients keep leaving and
+#: coming back faster than the actor passes their dead calls.
+INBOX_SLACK = 4
+
 #: What an upstream call raises when the provider fails it: the transport's errors, and
 #: httpx's for a body that its ``Content-Encoding`` does not decode (a corrupt gzip
 #: stream is the provider's failure, classified as malformed, not the gateway's crash).
@@ -125,23 +130,39 @@ def make_adapter(config: ProviderConfig) -> Adapter:
 
 @attrs.frozen(eq=False)
 class ActorHandle:
-    """What the router holds: a provider's name and the send side of its inbox."""
+    """What the router holds: a provider's name and the send side of its inbox.
+
+    ``waiting`` is shared with the actor: the calls in the inbox it has not taken yet.
+    """
 
     name: str
     kind: str
     _inbox: trio.MemorySendChannel[Call | SnapshotRequest | ResetRequest]
+    _waiting: set[Call]
+    _capacity: int
 
     def submit(self, call: Call) -> bool:
-        """Hand ``call`` to the actor without blocking; False if its inbox is full.
+        """Hand ``call`` to the actor without blocking; False if ``capacity`` calls that
+        someone still waits for are already in its inbox.
 
         Raises :class:`ActorStopped` if the actor is gone.
         """
+        waiting = self._waiting
+        if len(waiting) >= self._capacity:
+            # Calls given up while they waited (``Call.given_up``) stay in the inbox
+            # until the actor passes them, but no longer count: when hundreds of clients
+            # leave at once and come straight back, the returning ones must not be
+            # refused as saturated for the dead calls of the ones that left.
+            waiting.difference_update([queued for queued in waiting if queued.given_up])
+            if len(waiting) >= self._capacity:
+                return False
         try:
             self._inbox.send_nowait(call)
         except trio.WouldBlock:
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorStopped(f"the actor for provider {self.name!r} is not running") from None
+        waiting.add(call)
         return True
 
     async def snapshot(self) -> ProviderSnapshot:
@@ -189,8 +210,12 @@ class ProviderActor:
         self._totals: Counter[str] = Counter()
         self._transitions = 0
         self._prepared: dict[tuple[Any, ...], tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
+        # The inbox holds ``capacity`` calls that someone waits for (``ActorHandle.submit``
+        # counts them); its channel has room for INBOX_SLACK times as many, dead ones too.
+        self._capacity = max(64, config.max_concurrency)
+        self._waiting: set[Call] = set()
         self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
-            max(64, config.max_concurrency)
+            INBOX_SLACK * self._capacity
         )
 
     async def run(self, *, task_status: trio.TaskStatus[ActorHandle] = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,7 +235,9 @@ class ProviderActor:
             async with trio.open_nursery() as attempts:
                 sweeping = trio.CancelScope()
                 attempts.start_soon(_close_stale_connections, pool, sweeping)
-                task_status.started(ActorHandle(self.config.name, self.config.kind, self._inbox_send))
+                task_status.started(
+                    ActorHandle(self.config.name, self.config.kind, self._inbox_send, self._waiting, self._capacity)
+                )
                 # One message per pass of the scheduler. Under overload that makes the
                 # inbox the queue: a call waiting here costs its requester's task and
                 # little else. Admitting every waiting call at once was tried: 12% less
@@ -218,9 +245,9 @@ class ProviderActor:
                 # an attempt task and an upstream connection, and memory in flight grew
                 # by a quarter. Calls given up while they waited are another matter:
                 # when hundreds of clients leave at once and come back (a load balancer
-                # or SDK timing out), their dead calls would fill the inbox for hundreds
-                # of passes, and the new ones be refused as saturated meanwhile; each
-                # pass drops every dead call before the next live one.
+                # or SDK timing out), their dead calls stay in the inbox for hundreds of
+                # passes. They do not count against its bound (see ``ActorHandle.submit``),
+                # and each pass drops every dead call before the next live one.
                 while True:
                     if held is None:
                         try:
@@ -241,6 +268,7 @@ class ProviderActor:
 
     def _handle(self, message: Call | SnapshotRequest | ResetRequest, attempts: trio.Nursery, pool: ClientPool) -> None:
         if isinstance(message, Call):
+            self._waiting.discard(message)
             self._admit(message, attempts, pool)
             return
         if isinstance(message, ResetRequest):
@@ -256,14 +284,15 @@ class ProviderActor:
                 message = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 return None
-            if not (isinstance(message, Call) and message.scope.cancel_called):
+            if not (isinstance(message, Call) and message.given_up):
                 return message
+            self._waiting.discard(message)
             message.reply.close()
 
     # -- admission (synchronous: no await between reading and writing state) ------
 
     def _admit(self, call: Call, attempts: trio.Nursery, pool: ClientPool) -> None:
-        if call.scope.cancel_called:  # the requester gave up while the call was queued
+        if call.given_up:  # the requester gave up while the call was queued
             call.reply.close()
             return
         now = trio.current_time()
@@ -590,6 +619,7 @@ class ProviderActor:
                 break
             message.reply.close()
         self._inbox.close()
+        self._waiting.clear()
 
 
 @attrs.define

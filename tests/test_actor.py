@@ -240,6 +240,62 @@ async def test_calls_given_up_while_queued_are_dropped_together(autojump_clock, 
             await dead_reply.receive()  # closed without a value: nothing was sent
 
 
+async def test_calls_given_up_while_they_waited_leave_room_for_new_ones(autojump_clock, nursery, transport):
+    # Hundreds of clients leave at once and come straight back (an SDK or a load
+    # balancer timing out): their dead calls still sit in the inbox when the new ones
+    # arrive. Only calls someone still waits for count against the inbox's bound.
+    import attrs
+
+    actor = await nursery.start(
+        ProviderActor(attrs.evolve(CONFIG.provider("openai"), max_concurrency=64), transport=transport).run
+    )
+    for _ in range(64):
+        message, _ = call()
+        assert actor.submit(message)
+        message.scope.cancel()  # as Router._attempt does when its requester leaves
+    live = [call() for _ in range(64)]
+    assert all(actor.submit(message) for message, _ in live)  # no pass in between
+    assert not actor.submit(call()[0])  # the bound still holds for live calls
+    for _, reply in live:
+        assert isinstance(await reply.receive(), Completed)
+
+
+async def test_a_requester_cancelled_while_it_waits_leaves_room_before_its_task_runs(
+    autojump_clock, nursery, transport
+):
+    # Clients leaving cancel their requesters' scopes from the read loop; the calls'
+    # own scopes are cancelled only when those requesters next run, and returning
+    # clients can get there first. The cancelled wait for the reply is enough.
+    import attrs
+
+    actor = await nursery.start(
+        ProviderActor(attrs.evolve(CONFIG.provider("openai"), max_concurrency=64), transport=transport).run
+    )
+    submitted = 0
+
+    async def requester() -> None:
+        nonlocal submitted
+        message, reply = call()
+        assert actor.submit(message)
+        submitted += 1
+        try:
+            await reply.receive()
+        finally:  # as Router._attempt does
+            reply.abandon()
+            message.scope.cancel()
+
+    async with trio.open_nursery() as leaving:
+        for _ in range(64):
+            leaving.start_soon(requester)
+        while submitted < 64:
+            await trio.lowlevel.checkpoint()
+        leaving.cancel_scope.cancel()  # the actor has taken one call at most meanwhile
+        returning = [call() for _ in range(64)]
+        assert all(actor.submit(message) for message, _ in returning)  # before they run
+    for _, reply in returning:
+        assert isinstance(await reply.receive(), Completed)
+
+
 async def test_a_call_taken_from_the_inbox_as_the_actor_stops_is_answered(autojump_clock, transport):
     # The actor takes the next live call before its checkpoint; stopping there must end
     # that call's wait as it ends the queued ones', not leave it to its deadline.
@@ -336,8 +392,10 @@ async def test_a_reply_closed_without_a_value_ends_the_wait(autojump_clock, nurs
 
 async def test_a_cancelled_receive_leaves_the_reply_usable(autojump_clock):
     reply: Reply[str] = Reply()
+    assert not reply.receive_cancelled
     with trio.move_on_after(1):
         await reply.receive()
+    assert reply.receive_cancelled  # what tells the actor the call is given up
     reply.send_nowait("late")
     assert await reply.receive() == "late"
 
