@@ -132,7 +132,8 @@ def make_adapter(config: ProviderConfig) -> Adapter:
 class ActorHandle:
     """What the router holds: a provider's name and the send side of its inbox.
 
-    ``waiting`` is shared with the actor: the calls in the inbox it has not taken yet.
+    Its ``_waiting`` set is shared with the actor: the calls in the inbox that the actor
+    has not taken yet (``submit`` adds, the actor removes).
     """
 
     name: str

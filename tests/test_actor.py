@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -41,8 +42,10 @@ async def transport(mock_state):
         yield transport
 
 
-async def start(nursery, transport, name: str = "openai"):
-    return await nursery.start(ProviderActor(CONFIG.provider(name), transport=transport).run)
+async def start(nursery, transport, name: str = "openai", **options: Any):
+    """An actor for provider ``name`` of ``CONFIG``, with ``options`` replacing its settings."""
+    provider = attrs.evolve(CONFIG.provider(name), **options)
+    return await nursery.start(ProviderActor(provider, transport=transport).run)
 
 
 async def start_against(nursery, server, **options: Any):
@@ -244,11 +247,7 @@ async def test_calls_given_up_while_they_waited_leave_room_for_new_ones(autojump
     # Hundreds of clients leave at once and come straight back (an SDK or a load
     # balancer timing out): their dead calls still sit in the inbox when the new ones
     # arrive. Only calls someone still waits for count against the inbox's bound.
-    import attrs
-
-    actor = await nursery.start(
-        ProviderActor(attrs.evolve(CONFIG.provider("openai"), max_concurrency=64), transport=transport).run
-    )
+    actor = await start(nursery, transport, max_concurrency=64)
     for _ in range(64):
         message, _ = call()
         assert actor.submit(message)
@@ -266,11 +265,7 @@ async def test_a_requester_cancelled_while_it_waits_leaves_room_before_its_task_
     # Clients leaving cancel their requesters' scopes from the read loop; the calls'
     # own scopes are cancelled only when those requesters next run, and returning
     # clients can get there first. The cancelled wait for the reply is enough.
-    import attrs
-
-    actor = await nursery.start(
-        ProviderActor(attrs.evolve(CONFIG.provider("openai"), max_concurrency=64), transport=transport).run
-    )
+    actor = await start(nursery, transport, max_concurrency=64)
     submitted = 0
 
     async def requester() -> None:
@@ -310,12 +305,8 @@ async def test_a_call_taken_from_the_inbox_as_the_actor_stops_is_answered(autoju
 
 
 async def test_saturation_refuses_at_once(autojump_clock, nursery, transport, mock_state):
-    import attrs
-
     mock_state.configure(FaultProfile(latency_ms=1000))
-    actor = await nursery.start(
-        ProviderActor(attrs.evolve(CONFIG.provider("openai"), max_concurrency=1), transport=transport).run
-    )
+    actor = await start(nursery, transport, max_concurrency=1)
     first, _ = call()
     assert actor.submit(first)
     await trio.testing.wait_all_tasks_blocked()
