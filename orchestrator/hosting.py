@@ -518,6 +518,14 @@ class _Connection(TCPServer):
             await super().run()
         finally:
             self._registry.discard(self)
+            # The connection's parts point back at it (the app's extensions and the
+            # protocol's ``send`` are its bound methods, the idle task holds it), so
+            # it would outlive its task, socket object and all, until the cyclic
+            # collector ran: which a serving process does rarely (see
+            # ``tune_collector_for_serving``). Its task is over; so are its requests.
+            self.__dict__.pop("protocol", None)
+            del self.app, self.idle_task
+            self._on_disconnect = None
 
     def idle_from_now(self) -> None:
         """No request in progress: close after ``keep_alive_timeout`` without one, or now

@@ -203,7 +203,7 @@ class Http1Protocol:
         if self._fallback is not None:
             await self._fallback.handle(event)
         elif isinstance(event, RawData):
-            if event.data:  # b"" is the end of the stream: Closed follows
+            if event.data and not self._closed:  # b"" is the end of the stream: Closed follows
                 if self._preamble is not None:
                     self._preamble += event.data
                 self._feed(event.data)
@@ -211,6 +211,9 @@ class Http1Protocol:
         elif isinstance(event, Closed):
             self._closed = True
             self._parsed.clear()
+            # The parser calls this protocol's methods: a reference cycle, which would
+            # keep the whole connection for the cyclic collector (see hosting._Connection.run).
+            self._parser = None
             if self.stream is not None:
                 await self._close_stream()
             self._cycle_ended.set()

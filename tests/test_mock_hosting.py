@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import gc
 import socket
 import struct
 import subprocess
@@ -23,6 +24,7 @@ import trio.testing
 from quart_trio import QuartTrio
 
 from mock_server import create_app
+from orchestrator.http1 import Http1Protocol
 from orchestrator.hosting import (
     ACCEPT_BATCH,
     DISCONNECT_EXTENSION,
@@ -298,6 +300,62 @@ async def test_a_client_leaving_mid_request_cancels_it_at_once(nursery, reset):
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()
         await cancelled.wait()
+
+
+@pytest.fixture
+def collector_off():
+    """The cyclic garbage collector off for the test: what only it would free stays."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def connection_objects_left() -> int:
+    """The server's per-connection objects still in memory, once the connections that
+    have closed had the time to end (polled: the server ends them on its own time)."""
+    for _ in range(20):
+        await trio.sleep(0.05)
+        left = sum(isinstance(thing, _Connection | Http1Protocol) for thing in gc.get_objects())
+        if not left:
+            break
+    return left
+
+
+@pytest.mark.parametrize("ending", ["client-closes", "connection-close", "idle-timeout", "client-resets"])
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(nursery, collector_off, ending):
+    # A server that serves until it exits collects young objects rarely (see
+    # tune_collector_for_serving): a connection left in reference cycles would stay in
+    # memory, socket object and all, until a collection, for every client that comes
+    # and goes meanwhile.
+    entered = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/forever":
+            with trio.CancelScope() as cancel_scope:
+                scope["extensions"][DISCONNECT_EXTENSION](cancel_scope)
+                entered.set()
+                await trio.sleep_forever()
+            return
+        await pieces_app(b"ok", length=True)(scope, receive, send)
+
+    [url] = await nursery.start(partial(serve, app, keep_alive_timeout=0.05))
+    stream = await trio.open_tcp_stream(*address(url))
+    with trio.fail_after(5):
+        if ending == "client-resets":
+            await stream.send_all(b"GET /forever HTTP/1.1\r\nhost: x\r\n\r\n")
+            await entered.wait()
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            close = b"connection: close\r\n" if ending == "connection-close" else b""
+            await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n" + close + b"\r\n")
+            assert (await stream.receive_some(65536)).endswith(b"\r\n\r\nok")
+            if ending != "client-closes":
+                assert await read_until_closed(stream) == b""  # the server closed it
+        await stream.aclose()
+    assert await connection_objects_left() == 0
 
 
 async def test_a_head_request_is_answered_whole_in_one_write(nursery, socket_writes):
