@@ -324,9 +324,10 @@ def run(app: ASGIFramework, **serve_options: Any) -> None:
     trio.run(partial(serve_until_signalled, app, **serve_options))
 
 
-#: Container allocations between two collections of the youngest generation
-#: (CPython's default is 700). See ``tune_collector_for_serving``.
-YOUNG_COLLECTION_THRESHOLD = 10_000
+#: Allocations of container objects, net of their deallocations, that start a
+#: collection of the youngest generation (CPython's default is 700). See
+#: ``tune_collector_for_serving``.
+YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
 async def accept_connections(
@@ -390,23 +391,28 @@ def tune_collector_for_serving() -> None:
 
     Call it once, after the imports and before serving (before forking workers, so
     that they inherit it). Under load the collector's cost grows with the requests in
-    flight: every collection of the youngest generation finds all of them still
-    alive, traverses them and promotes them, and the older generations traverse them
-    again. With 500 requests in flight it cost the gateway 0.27-0.32 ms of CPU per
+    flight. A collection of the youngest generation starts once allocations of
+    container objects outnumber their deallocations by its threshold, which the ebb
+    and flow of hundreds of requests in flight does many times a second though
+    nothing accumulates; each one traverses the young objects of every request in
+    flight and promotes them, and the older generations traverse them again. With 500
+    requests in flight CPython's defaults cost the gateway 0.27-0.32 ms of CPU per
     request, a fifth of its time, and full collections paused everything for about
-    100 ms. Two changes brought that to about 0.1 ms, with pauses of about 50 ms:
+    100 ms. Two changes:
 
     - ``gc.freeze()``: what exists now -- modules, classes, functions, some sixty
       thousand objects that live as long as the process -- moves to a permanent
       generation that no collection traverses again (and forked workers stop
       writing to the pages they share with their parent for it);
-    - the youngest generation is collected every ``YOUNG_COLLECTION_THRESHOLD``
-      allocations instead of 700, so that most of a request's objects are gone, freed
-      by reference counting, before a collection could look at them.
+    - the youngest generation's threshold is ``YOUNG_COLLECTION_THRESHOLD`` instead
+      of 700. At 10,000 it was still crossed seven to nine times a second with 500
+      requests in flight, 0.07-0.12 ms of CPU per request (13 ms a collection); at
+      50,000, once every three to six seconds, about 0.01 ms per request (about
+      40 ms a collection). Timed with ``gc.callbacks``.
 
-    Answering a request creates no reference cycles (a closed connection leaves a
-    few objects to the collector), so collecting less often keeps next to no garbage
-    alive for longer. Not for a process that runs other work (a test run,
+    Answering a request leaves no reference cycles, and neither does a connection
+    that ends (``_Connection.run`` unlinks its parts), so collecting rarely keeps no
+    garbage alive for longer. Not for a process that runs other work (a test run,
     a program that embeds the gateway): it changes the collector for all of it.
     """
     gc.freeze()
