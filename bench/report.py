@@ -210,7 +210,7 @@ def check_targets(cells: list[Cell]) -> list[TargetCheck]:
         """``first``'s throughput over ``second``'s, and how it was measured."""
         paired = _paired_rounds(cells, first.target, second.target, first.key)
         ratios = [one.rps / other.rps for one, other in paired]
-        return _judged(ratios, first.rps / second.rps, first, second)
+        return _judged(ratios, first.rps / second.rps), _basis(first, second) + _round_by_round(ratios)
 
     key = (50, "json", 50)
     found, why = usable(("gateway-1", key), ("direct", key))
@@ -236,12 +236,11 @@ def check_targets(cells: list[Cell]) -> list[TargetCheck]:
     found, why = usable(("gateway-1", key), ("direct", key))
     if found:
         paired = _paired_rounds(cells, "gateway-1", "direct", key)
-        added_p50, basis = _judged([one.p50_ms - other.p50_ms for one, other in paired],
-                                   found[0].p50_ms - found[1].p50_ms, *found)
-        added_p99, basis_p99 = _judged([one.p99_ms - other.p99_ms for one, other in paired],
-                                       found[0].p99_ms - found[1].p99_ms, *found)
-        if len(paired) > 1:  # both medians over the same rounds: say each one's values
-            basis += f" (p50); {basis_p99.rpartition(': ')[2]} (p99)"
+        p50s = [one.p50_ms - other.p50_ms for one, other in paired]
+        p99s = [one.p99_ms - other.p99_ms for one, other in paired]
+        added_p50 = _judged(p50s, found[0].p50_ms - found[1].p50_ms)
+        added_p99 = _judged(p99s, found[0].p99_ms - found[1].p99_ms)
+        basis = _basis(*found) + _round_by_round(p50s, " (p50)") + _round_by_round(p99s, " (p99)", first=False)
         checks.append(TargetCheck("latency added", "p50 ≤ 1 ms and p99 ≤ 3 ms at 0 ms, concurrency 1",
                                   f"p50 {added_p50:+.2f} ms, p99 {added_p99:+.2f} ms",
                                   added_p50 <= 1.0 and added_p99 <= 3.0, basis.removeprefix("; ")))
@@ -330,14 +329,20 @@ def _paired_rounds(cells: list[Cell], first: str, second: str, key: tuple[int, s
     return [(sides[first], sides[second]) for _, sides in sorted(rounds.items()) if len(sides) == 2]
 
 
-def _judged(per_round: list[float], fallback: float, *cells: Cell) -> tuple[float, str]:
-    """The median of a target's per-round values, or ``fallback`` (from ``cells``) when
-    no round has both sides usable; and how it was measured. (Over one round the two
-    are the same.)"""
+def _judged(per_round: list[float], fallback: float) -> float:
+    """The median of a target's per-round values; ``fallback`` (each side's medians, or
+    the sweep's cells) when no round has both sides usable. Over one round the two are
+    the same."""
+    return median(per_round) if per_round else fallback
+
+
+def _round_by_round(per_round: list[float], label: str = "", *, first: bool = True) -> str:
+    """What ``_judged`` took the median of, for a target's detail (nothing for one round)."""
     if len(per_round) < 2:
-        return (per_round[0] if per_round else fallback), _basis(*cells)
+        return ""
     shown = ", ".join(f"{value:.2f}" for value in per_round)
-    return median(per_round), f"{_basis(*cells)}; judged on the median of each round's own: {shown}"
+    lead = "; judged on the median of each round's own: " if first else "; "
+    return f"{lead}{shown}{label}"
 
 
 def _basis(*cells: Cell) -> str:
