@@ -405,7 +405,7 @@ def tune_collector_for_serving() -> None:
       generation that no collection traverses again (and forked workers stop
       writing to the pages they share with their parent for it);
     - the youngest generation's threshold is ``YOUNG_COLLECTION_THRESHOLD`` instead
-      of 700. At 10,000 it was still crossed seven to nine times a second with 500
+      of 700. At 10,000 it was still crossed six to nine times a second with 500
       requests in flight, 0.07-0.12 ms of CPU per request (13 ms a collection); at
       50,000, once every three to six seconds, about 0.01 ms per request (about
       40 ms a collection). Timed with ``gc.callbacks``.
