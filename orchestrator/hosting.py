@@ -412,9 +412,10 @@ def tune_collector_for_serving() -> None:
 
     Answering a request leaves no reference cycles, and neither does an HTTP/1.x
     connection that ends (``_Connection.run`` unlinks its parts), so collecting rarely
-    keeps next to no garbage alive for longer. (An HTTP/2 connection still leaves about
-    ninety objects, in cycles within hypercorn's and h2's protocol state, to the next
-    collection.) Not for a process that runs other work (a test run,
+    keeps next to no garbage alive for longer. (A connection handed over to hypercorn's
+    own protocols -- HTTP/2, an upgrade -- may still leave cycles within their state:
+    about ninety objects for an HTTP/2 one, to the next collection.) Not for a process
+    that runs other work (a test run,
     a program that embeds the gateway): it changes the collector for all of it.
     """
     gc.freeze()

@@ -363,6 +363,7 @@ class Http1Protocol:
         """Serve this connection with hypercorn's H11Protocol from its first byte on."""
         data, self._preamble = bytes(self._preamble or b""), None
         self._parsed.clear()
+        self._parser = None  # H11Protocol parses from here on (and see ``handle``'s Closed)
         self._fallback = H11Protocol(self.app, self.config, self.context, self.task_group, self.connection_state,
                                      self.ssl, self.client, self.server, self.send)
         await self._fallback.handle(RawData(data=data))
