@@ -86,7 +86,8 @@ class Cell:
     client_cpu: float
     others_cpu: float
     attempts: int = 1
-    #: 0: measured in the sweep; n: in the n-th interleaved round of a target's pair.
+    #: 0: measured in the sweep; n: in the run's n-th interleaved round (numbered across
+    #: the pairs, so a round's two cells, and only they, share its number).
     pair_round: int = 0
     #: How many interleaved rounds these figures are the medians of (0: none, the
     #: sweep's or one round's own measurement; see ``_medians``).
@@ -210,7 +211,7 @@ def check_targets(cells: list[Cell]) -> list[TargetCheck]:
         """``first``'s throughput over ``second``'s, and how it was measured."""
         paired = _paired_rounds(cells, first.target, second.target, first.key)
         ratios = [one.rps / other.rps for one, other in paired]
-        return _judged(ratios, first.rps / second.rps), _basis(first, second) + _round_by_round(ratios)
+        return _judged(ratios, first.rps / second.rps), _basis(first, second) + _round_by_round(ratios, first, second)
 
     key = (50, "json", 50)
     found, why = usable(("gateway-1", key), ("direct", key))
@@ -240,7 +241,9 @@ def check_targets(cells: list[Cell]) -> list[TargetCheck]:
         p99s = [one.p99_ms - other.p99_ms for one, other in paired]
         added_p50 = _judged(p50s, found[0].p50_ms - found[1].p50_ms)
         added_p99 = _judged(p99s, found[0].p99_ms - found[1].p99_ms)
-        basis = _basis(*found) + _round_by_round(p50s, " (p50)") + _round_by_round(p99s, " (p99)", first=False)
+        basis = _basis(*found)
+        if listing := _round_by_round(p50s, *found, label=" (p50)"):
+            basis += listing + _round_by_round(p99s, *found, label=" (p99)", lead="; ")
         checks.append(TargetCheck("latency added", "p50 ≤ 1 ms and p99 ≤ 3 ms at 0 ms, concurrency 1",
                                   f"p50 {added_p50:+.2f} ms, p99 {added_p99:+.2f} ms",
                                   added_p50 <= 1.0 and added_p99 <= 3.0, basis.removeprefix("; ")))
@@ -331,17 +334,19 @@ def _paired_rounds(cells: list[Cell], first: str, second: str, key: tuple[int, s
 
 def _judged(per_round: list[float], fallback: float) -> float:
     """The median of a target's per-round values; ``fallback`` (each side's medians, or
-    the sweep's cells) when no round has both sides usable. Over one round the two are
-    the same."""
+    the sweep's cells) when no round has both sides usable."""
     return median(per_round) if per_round else fallback
 
 
-def _round_by_round(per_round: list[float], label: str = "", *, first: bool = True) -> str:
-    """What ``_judged`` took the median of, for a target's detail (nothing for one round)."""
-    if len(per_round) < 2:
+def _round_by_round(per_round: list[float], *cells: Cell, label: str = "", lead: str = "") -> str:
+    """What ``_judged`` took the median of, for a target's detail; nothing where that is
+    the figures shown already (one round, in which each side was measured once)."""
+    if not per_round or (len(per_round) == 1 and all(cell.merged <= 1 for cell in cells)):
         return ""
     shown = ", ".join(f"{value:.2f}" for value in per_round)
-    lead = "; judged on the median of each round's own: " if first else "; "
+    if not lead:
+        lead = ("; judged on the median of each round's own: " if len(per_round) > 1
+                else "; judged on the one round both sides measured usably: ")
     return f"{lead}{shown}{label}"
 
 

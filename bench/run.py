@@ -198,6 +198,10 @@ def _measure_pairs(swept: list[Cell], mock: Target, client: str, args: argparse.
         return []
     started: dict[str, Target] = {}
     cells: list[Cell] = []
+    # Rounds are numbered across the pairs: two pairs may share a cell (at a highest
+    # concurrency of 50, gateway-1 at 50 ms / json / 50 is in both), and a target is
+    # judged on the cells that share a round's number (see report._paired_rounds).
+    number = 0
     try:
         for name in sorted({name for _, first, second in wanted for name in (first, second)}):
             target = _start(name, workdir, mock)
@@ -209,9 +213,10 @@ def _measure_pairs(swept: list[Cell], mock: Target, client: str, args: argparse.
             for index in range(1, args.pair_rounds + 1):
                 _progress(f"interleaved round {index} of {args.pair_rounds}: {first} and {second},"
                           f" {latency} ms {mode} {connections} conns")
+                number += 1
                 for name in (first, second) if index % 2 else (second, first):
                     cell = _measure_load(started[name], mock, client, args, body, latency, mode, connections)
-                    cell.pair_round = index
+                    cell.pair_round = number
                     cells.append(cell)
     finally:
         for target in started.values():

@@ -90,6 +90,42 @@ def test_the_memory_target_ignores_the_rounds():
     assert check.value == "0 errors; 20.0 MiB per 1,000" and check.met is True
 
 
+def test_a_ratio_pairs_each_round_with_its_own_partner_only():
+    # At a highest concurrency of 50, gateway-1's 50 ms json cell is in two pairs (with
+    # direct, and with gateway-2); rounds are numbered across pairs, so throughput vs
+    # direct takes direct's rounds 1-3 with gateway-1's rounds 1-3, not its 4-6.
+    key = {"latency": 50, "connections": 50}
+    cells = [
+        cell("direct", rps=1000, **key), cell("gateway-1", rps=900, **key), cell("gateway-2", rps=1200, **key),
+        *(cell(name, rps=rps, pair_round=index, **key)
+          for index, sides in enumerate([(900, 1000), (880, 1000), (910, 1000)], 1)
+          for name, rps in zip(["gateway-1", "direct"], sides)),
+        *(cell(name, rps=rps, pair_round=index, **key)
+          for index, sides in enumerate([(1200, 400), (1250, 450), (1300, 420)], 4)
+          for name, rps in zip(["gateway-2", "gateway-1"], sides)),
+    ]
+    [check] = [check for check in check_targets(cells) if check.name == "throughput vs direct"]
+    assert check.value == "0.90 ×"
+    assert check.detail.endswith("judged on the median of each round's own: 0.90, 0.88, 0.91")
+
+
+def test_a_verdict_on_one_paired_round_says_so():
+    cells = [
+        cell("direct", rps=1000, p50=0.5),
+        cell("gateway-1", rps=600, p50=1.2),
+        cell("direct", rps=1000, p50=0.5, pair_round=1),
+        cell("gateway-1", rps=600, p50=1.1, pair_round=1),
+        cell("gateway-1", rps=600, p50=1.3, pair_round=2),
+        cell("direct", rps=1000, p50=0.9, pair_round=2, refused=["noisy: other processes used 0.50 cores"]),
+        cell("gateway-1", rps=600, p50=1.4, pair_round=3),
+        cell("direct", rps=1000, p50=0.9, pair_round=3, refused=["noisy: other processes used 0.50 cores"]),
+    ]
+    check = latency_check(cells)
+    assert check.value == "p50 +0.60 ms, p99 +0.00 ms"  # round 1's: 1.1 - 0.5
+    assert check.detail == ("medians of 1 and 3 interleaved rounds; judged on the one round both sides measured"
+                            " usably: 0.60 (p50); 0.00 (p99)")
+
+
 # -- which processes a run measures fresh (bench.run, with the processes faked) -------
 
 
@@ -132,6 +168,25 @@ def test_a_target_is_fresh_after_a_crowded_cell_and_a_gateway_before_one(monkeyp
     run._measure_target(name, mock, "wrk", args, tmp_path)
     assert [entry.split()[0] for entry in log] == expected
     assert "stop mock" not in log
+
+
+def test_interleaved_rounds_are_numbered_across_pairs(monkeypatch, tmp_path):
+    from bench import run
+    from bench.targets import Target
+
+    log: list[str] = []
+    monkeypatch.setattr(run, "_start", lambda name, workdir, mock: Target(name, "http://127.0.0.1:1",
+                                                                          FakeServer(log, name)))
+    monkeypatch.setattr(run, "_measure_load", lambda target, mock, client, args, body, latency, mode, connections:
+                        cell(target.name, rps=100, connections=connections, latency=latency))
+    args = run._parser().parse_args(["--concurrency", "1", "50", "--modes", "json", "--pair-rounds", "3"])
+    swept = [cell(name, rps=100, latency=latency, connections=connections)
+             for name in ("direct", "gateway-1", "gateway-2") for latency in (0, 50) for connections in (1, 50)]
+    mock = Target("direct", "http://127.0.0.1:2", FakeServer(log, "mock"))
+    rounds = run._measure_pairs(swept, mock, "wrk", args, tmp_path)
+    numbers = [each.pair_round for each in rounds]
+    assert sorted(set(numbers)) == list(range(1, 10))  # three pairs of three rounds
+    assert all(numbers.count(number) == 2 for number in set(numbers))
 
 
 def test_the_litellm_ratio_takes_the_gateways_rounds_and_says_so():
