@@ -17,9 +17,14 @@ def cell(target: str, *, rps: float, p50: float = 1.0, p99: float = 2.0, connect
     )
 
 
-def latency_check(cells: list[Cell]):
-    [check] = [check for check in check_targets(cells) if check.name == "latency added"]
+def target_check(cells: list[Cell], name: str):
+    """The check of the target called ``name``, judged on ``cells``."""
+    [check] = [check for check in check_targets(cells) if check.name == name]
     return check
+
+
+def latency_check(cells: list[Cell]):
+    return target_check(cells, "latency added")
 
 
 def test_targets_are_judged_on_the_medians_of_the_interleaved_rounds():
@@ -47,7 +52,7 @@ def test_a_ratio_is_the_median_of_each_rounds_own():
           for index, sides in enumerate([(1300, 1125), (1860, 1470), (1900, 1232)], 1)
           for name, rps in zip(["gateway-2", "gateway-1"], sides)),
     ]
-    [check] = [check for check in check_targets(cells) if check.name == "two workers, json"]
+    check = target_check(cells, "two workers, json")
     assert check.value == "1.27 ×" and check.met is False
     assert check.detail.endswith("medians of 3 interleaved rounds; judged on the median of each round's own:"
                                  " 1.16, 1.27, 1.54")
@@ -86,7 +91,7 @@ def test_the_memory_target_ignores_the_rounds():
         cell("gateway-1", rps=800, connections=500, pair_round=1),
     ]
     cells[1].rss_idle_mib = 0.0  # a round's cell has no idle baseline
-    [check] = [check for check in check_targets(cells) if check.name == "500 in flight"]
+    check = target_check(cells, "500 in flight")
     assert check.value == "0 errors; 20.0 MiB per 1,000" and check.met is True
 
 
@@ -104,7 +109,7 @@ def test_a_ratio_pairs_each_round_with_its_own_partner_only():
           for index, sides in enumerate([(1200, 400), (1250, 450), (1300, 420)], 4)
           for name, rps in zip(["gateway-2", "gateway-1"], sides)),
     ]
-    [check] = [check for check in check_targets(cells) if check.name == "throughput vs direct"]
+    check = target_check(cells, "throughput vs direct")
     assert check.value == "0.90 ×"
     assert check.detail.endswith("judged on the median of each round's own: 0.90, 0.88, 0.91")
 
@@ -196,6 +201,6 @@ def test_the_litellm_ratio_takes_the_gateways_rounds_and_says_so():
         *(cell("gateway-1", rps=rps, latency=50, connections=50, pair_round=index)
           for index, rps in enumerate([700, 720, 100], 1)),
     ]
-    [check] = [check for check in check_targets(cells) if check.name == "throughput vs LiteLLM"]
+    check = target_check(cells, "throughput vs LiteLLM")
     assert check.value == "14.0 ×"
     assert check.detail == "700 vs 50 req/s; medians of 3 interleaved rounds"
