@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import httptools
 import httpx
 import pytest
 import trio
@@ -356,6 +357,42 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(nursery
                 assert await read_until_closed(stream) == b""  # the server closed it
         await stream.aclose()
     assert await connection_objects_left() == 0
+
+
+def parsers_alive() -> int:
+    return sum(isinstance(thing, httptools.HttpRequestParser) for thing in gc.get_objects())
+
+
+async def test_a_connection_holds_a_parser_only_while_a_request_is_arriving(nursery, collector_off):
+    # What 500 requests in flight cost in memory is mostly what each waits with: a
+    # parser on a connection that has nothing more to parse is about 0.9 KiB of it.
+    entered = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/wait":
+            entered.set()
+            await trio.sleep_forever()
+        if scope["type"] == "http":  # the whole body first
+            while (await receive()).get("more_body"):
+                pass
+        await pieces_app(b"ok", length=True)(scope, receive, send)
+
+    [url] = await nursery.start(partial(serve, app))
+    before = parsers_alive()
+    waiting, arriving = await trio.open_tcp_stream(*address(url)), await trio.open_tcp_stream(*address(url))
+    with trio.fail_after(5):
+        await waiting.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await waiting.receive_some(65536)).endswith(b"\r\n\r\nok")
+        assert parsers_alive() == before  # idle between requests
+        await waiting.send_all(b"GET /wait HTTP/1.1\r\nhost: x\r\n\r\n")
+        await entered.wait()
+        assert parsers_alive() == before  # its request in flight, arrived whole
+        await arriving.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+        await trio.sleep(0.1)
+        assert parsers_alive() == before + 1  # half a body in: the parser holds its place
+        await arriving.send_all(b"cd")
+        assert (await arriving.receive_some(65536)).endswith(b"\r\n\r\nok")
+        assert parsers_alive() == before
 
 
 async def test_a_head_request_is_answered_whole_in_one_write(nursery, socket_writes):
