@@ -581,8 +581,11 @@ class _Connection(TCPServer):
             )
         with self._reading:
             while (data := await self._receive()) is not None:
+                ended = not data
                 await self.protocol.handle(RawData(data))
-                if not data:
+                # Not held while the next read waits, which is most of a request's life.
+                del data
+                if ended:
                     break
             await self.protocol.handle(Closed())
         # The client closed or reset the connection (or we closed it, when this does
