@@ -456,21 +456,23 @@ class _HypercornApp:
                 DISCONNECT_EXTENSION: connection.cancel_on_disconnect,
             }
 
-    async def __call__(
+    def __call__(
         self,
         scope: Scope,
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
         sync_spawn: Callable[..., Any],
         call_soon: Callable[..., Any],
-    ) -> None:
+    ) -> Awaitable[None]:
+        # Not a coroutine function: it returns the app's own coroutine for hypercorn to
+        # await, so a request in flight holds no frame of this one (about 0.25 KiB).
         if scope["type"] == "http":
             scope["extensions"].update(self.extensions)
             if self.connection is not None and scope["http_version"] in ("1.0", "1.1"):
                 # Over HTTP/2 hypercorn's send task writes frames as flow control
                 # allows: a held frame could wait for a window only its delivery opens.
                 send = partial(self.connection.send_message, send)
-        await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 class _Connection(TCPServer):
