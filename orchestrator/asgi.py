@@ -81,22 +81,30 @@ def _already_received(receive: ASGIReceiveCallable) -> Message | None:
         return None
 
 
-async def until_disconnect(
+def until_disconnect(
     scope: HTTPScope, receive: ASGIReceiveCallable, answer: Callable[[trio.CancelScope], Awaitable[None]]
-) -> None:
-    """Run ``answer(cancel_scope)``, where ``cancel_scope`` is cancelled if the client
-    disconnects; ``answer`` enters it around what the client's leaving should stop.
+) -> Awaitable[None]:
+    """Run ``answer(cancel_scope)`` when awaited, where ``cancel_scope`` is cancelled if
+    the client disconnects; ``answer`` enters it around what the client's leaving should
+    stop.
 
-    Call it once the body has been read. Served by :mod:`orchestrator.hosting`, the
-    connection cancels the scope itself (``DISCONNECT_EXTENSION``); under another
-    ASGI server a task waits for ``http.disconnect``.
+    Call it once the body has been read, and await what it returns at once. Served by
+    :mod:`orchestrator.hosting`, the connection cancels the scope itself
+    (``DISCONNECT_EXTENSION``) and this returns ``answer``'s own coroutine: a request in
+    flight holds no frame of this function. Under another ASGI server a task waits for
+    ``http.disconnect``.
     """
     cancel_scope = trio.CancelScope()
     cancel_on_disconnect = scope["extensions"].get(DISCONNECT_EXTENSION)
     if cancel_on_disconnect is not None:
         cancel_on_disconnect(cancel_scope)
-        await answer(cancel_scope)
-        return
+        return answer(cancel_scope)
+    return _answer_watching_for_disconnect(receive, answer, cancel_scope)
+
+
+async def _answer_watching_for_disconnect(
+    receive: ASGIReceiveCallable, answer: Callable[[trio.CancelScope], Awaitable[None]], cancel_scope: trio.CancelScope
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_disconnect, receive, cancel_scope)
         await answer(cancel_scope)

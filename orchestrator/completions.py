@@ -89,6 +89,7 @@ class ChatCompletions:
 
         try:
             request = await self._read_request(scope["method"], headers, request_id, receive)
+            del headers  # read: not held for the rest of the request (about 0.4 KiB)
             if request is None:
                 return  # the client left before its body arrived
 
