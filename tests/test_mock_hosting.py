@@ -524,6 +524,35 @@ async def test_a_request_arriving_as_the_keep_alive_deadline_passes_is_answered(
 
 
 
+async def test_an_idle_connection_closes_at_its_deadline_counted_from_its_last_answer(mock_clock):
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, _answer_ok, keep_alive_timeout=5))
+        stream = await trio.open_tcp_stream(*address(url))
+        for _ in range(2):  # idle since it opened, then since its answer: short of 5 s
+            mock_clock.jump(4.9)
+            await _settle()
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await _settle()
+            assert _received_now(stream).endswith(b"ok")
+        mock_clock.jump(4.9)
+        await _settle()
+        assert _received_now(stream) is None  # still open
+        mock_clock.jump(0.2)
+        await _settle()
+        assert _received_now(stream) == b""  # closed by the server
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_ends_is_not_kept_until_its_keep_alive_deadline(nursery, collector_off):
+    [url] = await nursery.start(partial(serve, _answer_ok, keep_alive_timeout=60))
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(5):
+        assert (await stream.receive_some(65536)).endswith(b"ok")
+    await stream.aclose()
+    assert await connection_objects_left() == 0
+
+
 def listening_socket(backlog: int = 256) -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
