@@ -503,8 +503,8 @@ class _Connection(TCPServer):
     the read loop runs in a cancel scope that closing the connection cancels.
 
     Idle connections are closed once past their deadline by one task for all of them
-    (``_IdleConnections``), not by a task or a cancel scope of their own; at shutdown ``serve`` closes the idle ones through
-    ``close_if_idle``.
+    (``_IdleConnections``), not by a task or a cancel scope of their own; at shutdown
+    ``serve`` closes the idle ones through ``close_if_idle``.
 
     Writes are also fewer: hypercorn hands over a response's head, each body piece and
     the end of the body (empty, or a chunked body's terminator) as separate writes, each
