@@ -88,9 +88,7 @@ class _Framing:
 
 
 class _RequestHead:
-    __slots__ = (
-        "headers", "keep_alive", "method", "target", "version",
-    )
+    __slots__ = ("headers", "keep_alive", "method", "target", "version")
 
     def __init__(self, method: str, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
                  keep_alive: bool) -> None:
@@ -133,9 +131,10 @@ class Http1Protocol:
 
     # One per connection, so kept small: slots, not a dict of some thirty attributes.
     __slots__ = (
-        "_after_last_request", "_closed", "_cycle_end_waiter", "_cycle_running", "_delivering", "_fallback",
-        "_framing", "_head_bytes", "_head_fed", "_headers", "_in_head", "_in_message", "_keep_alive",
-        "_keep_alive_asked", "_max_head", "_method", "_must_close", "_parsed", "_parser", "_preamble", "_remaining",
+        "_after_last_request", "_closed", "_cycle_end_waiter", "_cycle_running", "_delivering",
+        "_fallback", "_framing", "_head_bytes", "_head_fed", "_headers", "_in_head", "_in_message",
+        "_keep_alive", "_keep_alive_asked", "_max_head", "_method", "_must_close", "_parsed", "_parser",
+        "_preamble", "_remaining",
         "_requests_parsed", "_response_complete", "_spawner", "_target", "_version", "app",
         "client", "config", "connection_state", "context", "keep_alive_requests", "send",
         "server", "ssl", "stream", "task_group",
