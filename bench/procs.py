@@ -156,6 +156,20 @@ class Server:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def log_size(self) -> int:
+        """How many bytes the server has logged so far: a mark for ``log_since``."""
+        return self.log_path.stat().st_size
+
+    def log_since(self, mark: int, *, first: int, last: int) -> list[str]:
+        """The lines logged since ``mark``: the ``first`` ones and the ``last`` ones, with
+        a line between that says how many were left out."""
+        with open(self.log_path, "rb") as log:
+            log.seek(mark)
+            lines = log.read().decode(errors="replace").splitlines()
+        if len(lines) <= first + last:
+            return lines
+        return [*lines[:first], f"... {len(lines) - first - last} lines left out ...", *lines[-last:]]
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL the whole session. Returns the status."""
         if self.process.poll() is None:

@@ -23,14 +23,18 @@ The gateway itself saturating a core is *not* a refusal: that is what is measure
 Neither is the machine being busy with the run's own processes: the gateway competes
 for the two cores with the mock and wrk, as the issue's targets say.
 
-A cell may also carry **notes**, which refuse nothing: a direct cell whose median
-latency exceeds the mock's by more than a quarter (plus 5 ms) says the mock queued
-requests although it had CPU to spare. That is this mock's closed-loop behaviour: the
-50 connections' requests arrive together, the single-threaded mock parses them one
-after another, they sleep the same 50 ms and come back together. Direct throughput is
-then the mock's ceiling for that load, not ``connections / latency``, and a target
-that needs more than that ceiling cannot show it: two workers are judged at the
-run's highest concurrency, where one worker, not the offered load, is the limit.
+A cell may also carry **notes**, which refuse nothing. A gateway cell names what its
+providers counted over the cell besides answers and cancellations (failures by class,
+refusals such as ``circuit_open``, circuit transitions), from ``/health`` before and
+after; with errors it also keeps the first and last lines the target and the mock
+logged during it. A direct cell whose median latency exceeds the mock's by more than a
+quarter (plus 5 ms) says the mock queued requests although it had CPU to spare. That
+is this mock's closed-loop behaviour: the 50 connections' requests arrive together,
+the single-threaded mock parses them one after another, they sleep the same 50 ms and
+come back together. Direct throughput is then the mock's ceiling for that load, not
+``connections / latency``, and a target that needs more than that ceiling cannot show
+it: two workers are judged at the run's highest concurrency, where one worker, not the
+offered load, is the limit.
 
 **Interleaved rounds.** A ratio target compares two cells, and in a sweep they are
 measured minutes apart, on a machine whose speed drifts over minutes. So ``bench.run``
@@ -56,7 +60,9 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-__all__ = ["CROWDED", "Cell", "TargetCheck", "check_targets", "compare", "notes", "pairs", "refusals", "table"]
+__all__ = [
+    "CROWDED", "Cell", "TargetCheck", "check_targets", "compare", "counted", "notes", "pairs", "refusals", "table",
+]
 
 MAX_ERROR_RATE = 0.001
 #: Connections from which a cell counts for the memory target ("500 in flight").
@@ -98,6 +104,11 @@ class Cell:
     added_p99_ms: float | None = None
     vs_direct: float | None = None
     vs_litellm: float | None = None
+    #: A gateway's provider actors' counts over the cell, workers summed (``counted``):
+    #: ``{provider: {outcome or refusal: count}}``, non-zero counts only.
+    provider_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: For a cell with errors: what the target and the mock logged during it, in part.
+    logs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, str, int]:
@@ -150,7 +161,36 @@ def notes(cell: Cell) -> list[str]:
     found = []
     if cell.target == "direct" and cell.connections > 1 and cell.p50_ms > 1.25 * cell.latency_ms + 5:
         found.append(f"mock queues: p50 {cell.p50_ms:.0f} ms for a {cell.latency_ms} ms mock")
+    for provider, counts in cell.provider_counts.items():
+        unusual = {name: count for name, count in counts.items() if name not in ROUTINE}
+        if unusual:
+            listed = ", ".join(f"{name} {count:,}" for name, count in sorted(unusual.items()))
+            found.append(f"gateway's calls to {provider}: {listed} (ok {counts.get('ok', 0):,})")
     return found
+
+
+#: A provider actor's counts (``/health`` totals) that say nothing went wrong: answers,
+#: and attempts whose client left (every cell ends with its connections closed
+#: mid-request). The rest are failures by class, refusals by reason, and the circuit's
+#: ``circuit_transitions``.
+ROUTINE = frozenset({"ok", "cancelled"})
+
+
+def counted(
+    before: dict[int, dict[str, dict[str, int]]], after: dict[int, dict[str, dict[str, int]]]
+) -> dict[str, dict[str, int]]:
+    """What the providers counted between two ``targets.gateway_counts``, summed over the
+    workers that answered both times: ``{provider: {outcome or refusal: count}}``,
+    non-zero counts only."""
+    total: dict[str, dict[str, int]] = {}
+    for pid in before.keys() & after.keys():
+        for provider, counts in after[pid].items():
+            earlier = before[pid].get(provider, {})
+            sums = total.setdefault(provider, {})
+            for name, count in counts.items():
+                sums[name] = sums.get(name, 0) + count - earlier.get(name, 0)
+    return {provider: {name: count for name, count in sums.items() if count}
+            for provider, sums in total.items() if any(sums.values())}
 
 
 def pairs(highest: int) -> list[tuple[tuple[int, str, int], str, str]]:

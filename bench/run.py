@@ -37,11 +37,12 @@ from pathlib import Path
 
 from bench.clients import Load, available_client, run_load
 from bench.procs import MemorySampler, cpu_seconds, machine_busy_seconds, rss_bytes
-from bench.report import CROWDED, MIB, NOISY, Cell, check_targets, compare, notes, pairs, refusals, table
+from bench.report import CROWDED, MIB, NOISY, Cell, check_targets, compare, counted, notes, pairs, refusals, table
 from bench.targets import (
     LITELLM_VERSION,
     Target,
     body_for,
+    gateway_counts,
     litellm_binary,
     start_gateway,
     start_litellm,
@@ -53,6 +54,9 @@ __all__ = ["main"]
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "gateway-1", "gateway-2", "litellm")
 MODES = ("json", "stream")
+#: Of what each server logged during a cell with errors: the first lines (how it
+#: began) and the last ones (how it ended).
+LOG_LINES = (20, 10)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,7 +278,17 @@ def _wait_for_quiet(ours: list[int], patience: float) -> None:
 def _measure_cell(
     target: Target, mock: Target, client: str, load: Load, pids: list[int], latency: int, mode: str
 ) -> Cell:
-    """One measured run of ``load``: the load generator's figures, and what it cost whom."""
+    """One measured run of ``load``: the load generator's figures, and what it cost whom.
+
+    A gateway is also asked what its providers counted (before and after, outside the
+    measured seconds), and a cell with errors keeps what the servers logged during it,
+    in part (``LOG_LINES``): the bench's working directory, logs and all, is gone when
+    the run ends.
+    """
+    workers = int(target.name.removeprefix("gateway-")) if target.name.startswith("gateway-") else 0
+    counts_before = gateway_counts(target, workers) if workers else {}
+    servers = [target.server] if target is mock else [target.server, mock.server]
+    log_marks = [server.log_size() for server in servers]
     watched = list(dict.fromkeys([*pids, mock.server.pid]))
     cpu_before = {pid: cpu_seconds(pid) for pid in watched}
     busy_before = machine_busy_seconds()
@@ -286,6 +300,7 @@ def _measure_cell(
     used = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in watched}
     busy = machine_busy_seconds() - busy_before
     ours = sum(used.values()) + result.client_cpu + (_own_cpu() - self_before)
+    counts = counted(counts_before, gateway_counts(target, workers)) if workers else {}
     processes = [{"pid": pid, "role": _role(target, pids, pid), "cpu_s": round(used[pid], 3)} for pid in pids]
     cell = Cell(
         target=target.name,
@@ -304,7 +319,11 @@ def _measure_cell(
         mock_cpu=used[mock.server.pid] / wall,
         client_cpu=result.client_cpu / wall,
         others_cpu=max(0.0, busy - ours) / wall,
+        provider_counts=counts,
     )
+    if result.error_count:
+        cell.logs = {server.name: server.log_since(mark, first=LOG_LINES[0], last=LOG_LINES[1])
+                     for server, mark in zip(servers, log_marks, strict=True)}
     cell.refused = refusals(cell, client)
     cell.notes = notes(cell)
     return cell

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ __all__ = [
     "LITELLM_KEY",
     "Target",
     "body_for",
+    "gateway_counts",
     "litellm_binary",
     "model_for",
     "start_gateway",
@@ -174,6 +176,36 @@ def start_litellm(workdir: Path, mock_url: str, binary: Path) -> Target:
     target = Target("litellm", f"http://127.0.0.1:{port}", server, auth=LITELLM_KEY)
     server.wait_ready(lambda: _answers(target, 0) and _answers(target, 50), LITELLM_START_TIMEOUT)
     return target
+
+
+def gateway_counts(target: Target, workers: int, patience: float = 5.0) -> dict[int, dict[str, dict[str, int]]]:
+    """What each worker of a gateway says its provider actors have counted so far, from
+    its ``/health``: ``{worker pid: {provider: {outcome or refusal: count}}}``, with
+    ``circuit_transitions`` among the counts.
+
+    Each worker answers for itself, and the kernel picks the worker of each new
+    connection, so ``/health`` is asked on a fresh connection until every worker has
+    answered: ten tries per worker at most, for ``patience`` seconds at most in all (a
+    gateway still busy with the load it was just given may be slow to answer). A worker
+    not reached is left out.
+    """
+    counts: dict[int, dict[str, dict[str, int]]] = {}
+    deadline = time.monotonic() + patience
+    for _ in range(10 * workers):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            health = httpx.get(f"{target.url}/health", timeout=left, trust_env=False).json()
+        except (httpx.HTTPError, ValueError):
+            continue
+        counts[health["worker_pid"]] = {
+            name: {**provider["totals"], "circuit_transitions": provider["circuit_transitions"]}
+            for name, provider in health["providers"].items()
+        }
+        if len(counts) == workers:
+            break
+    return counts
 
 
 def _answers(target: Target, latency_ms: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.report import Cell, check_targets, compare, table
+from bench.report import Cell, check_targets, compare, counted, notes, table
 
 
 def cell(target: str, *, rps: float, p50: float = 1.0, p99: float = 2.0, connections: int = 1, latency: int = 0,
@@ -204,3 +204,35 @@ def test_the_litellm_ratio_takes_the_gateways_rounds_and_says_so():
     check = target_check(cells, "throughput vs LiteLLM")
     assert check.value == "14.0 ×"
     assert check.detail == "700 vs 50 req/s; medians of 3 interleaved rounds"
+
+
+# -- what a gateway's providers counted over a cell ----------------------------------
+
+
+def test_provider_counts_are_summed_over_the_workers_that_answered_both_times():
+    before = {
+        11: {"mock": {"ok": 100, "cancelled": 3, "circuit_transitions": 0}},
+        12: {"mock": {"ok": 50, "circuit_transitions": 0}},
+        13: {"mock": {"ok": 7}},  # not reached afterwards: left out
+    }
+    after = {
+        11: {"mock": {"ok": 150, "cancelled": 3, "circuit_transitions": 1, "circuit_open": 40},
+             "other": {"ok": 0}},
+        12: {"mock": {"ok": 60, "server_error": 5, "circuit_transitions": 1}},
+        14: {"mock": {"ok": 1000}},  # not reached before: left out
+    }
+    assert counted(before, after) == {
+        "mock": {"ok": 60, "circuit_transitions": 2, "circuit_open": 40, "server_error": 5},
+    }
+
+
+def test_a_cell_notes_what_went_wrong_between_the_gateway_and_its_providers():
+    healthy = cell("gateway-1", rps=100)
+    healthy.provider_counts = {"mock": {"ok": 1000, "cancelled": 50}}
+    assert notes(healthy) == []
+    broken = cell("gateway-1", rps=100)
+    broken.provider_counts = {"mock": {"ok": 2982, "cancelled": 12, "server_error": 5, "circuit_transitions": 1,
+                                       "circuit_open": 17085}}
+    assert notes(broken) == [
+        "gateway's calls to mock: circuit_open 17,085, circuit_transitions 1, server_error 5 (ok 2,982)",
+    ]

@@ -43,6 +43,11 @@ def test_the_bench_runs_end_to_end_in_smoke_mode(tmp_path):
         assert cell["requests"] > 0, cell
         assert sum(cell["errors"].values()) == 0, cell
         assert cell["processes"] and all(process["cpu_s"] >= 0 for process in cell["processes"])
+    for cell in cells:
+        if cell["target"] == "gateway-1":  # every answer the client counted, the provider counted
+            provider = "mock-d50" if cell["latency_ms"] else "mock"
+            assert cell["provider_counts"][provider]["ok"] >= cell["requests"], cell
+        assert not cell["logs"] and not any(note.startswith("gateway's calls") for note in cell["notes"]), cell
     two_workers = [cell for cell in cells if cell["target"] == "gateway-2"]
     assert all(len(cell["processes"]) == 3 for cell in two_workers)  # supervisor and two workers
     assert {check["name"] for check in result["targets"]} == {
@@ -56,3 +61,40 @@ def test_the_bench_runs_end_to_end_in_smoke_mode(tmp_path):
             # was refused (noise, say), which the detail then names instead.
             detail = check["detail"]
             assert detail.endswith("medians of 1 interleaved round") or " refused: " in detail, detail
+
+
+def test_a_cell_with_errors_says_what_the_gateway_counted_and_keeps_the_logs(tmp_path, monkeypatch):
+    # A mock that answers every request with a 5xx, behind a gateway that does not
+    # retry: its clients get errors at once, its circuit opens after five, and what it
+    # counted says so.
+    import httpx
+
+    from bench import targets
+    from bench.clients import Load
+    from bench.run import _measure_cell
+
+    monkeypatch.setattr(targets, "GATEWAY_CONFIG", "[retry]\nmax_attempts = 1\n\n" + targets.GATEWAY_CONFIG)
+    mock = targets.start_mock(tmp_path)
+    try:
+        gateway = targets.start_gateway(tmp_path, mock.url, workers=1)
+        try:
+            httpx.post(f"{mock.url}/config/failures", json={"server_error_probability": 1.0},
+                       trust_env=False).raise_for_status()
+            body = tmp_path / "body.json"
+            body.write_bytes(targets.body_for(0, stream=False))
+            load = Load(gateway.path(0), body, stream=False, connections=1, duration=0.3)
+            cell = _measure_cell(gateway, mock, "builtin", load, gateway.server.pids(), 0, "json")
+        finally:
+            gateway.server.stop()
+    finally:
+        mock.server.stop()
+
+    assert cell.errors["status"] > 5 and cell.refused
+    counts = cell.provider_counts["mock"]
+    assert counts["server_error"] == 5 and counts["circuit_transitions"] == 1 and counts["circuit_open"] >= 1
+    assert "ok" not in counts
+    [note] = [note for note in cell.notes if note.startswith("gateway's calls to mock: ")]
+    assert "circuit_open" in note and "server_error 5" in note
+    assert set(cell.logs) == {"gateway-1", "mock"}
+    # The first lines logged: the five failures, then the circuit opening.
+    assert any("circuit for mock" in line for line in cell.logs["gateway-1"][:20])
