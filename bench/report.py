@@ -70,6 +70,11 @@ CROWDED = 500
 SATURATED = 0.90
 NOISY = 0.30
 MIB = 1024 * 1024
+#: A provider actor's counts (``/health`` totals) that say nothing went wrong: answers,
+#: and attempts whose client left (every cell ends with its connections closed
+#: mid-request). The rest are failures by class, refusals by reason, and the circuit's
+#: ``circuit_transitions``.
+ROUTINE = frozenset({"ok", "cancelled"})
 
 
 @dataclass
@@ -167,13 +172,6 @@ def notes(cell: Cell) -> list[str]:
             listed = ", ".join(f"{name} {count:,}" for name, count in sorted(unusual.items()))
             found.append(f"gateway's calls to {provider}: {listed} (ok {counts.get('ok', 0):,})")
     return found
-
-
-#: A provider actor's counts (``/health`` totals) that say nothing went wrong: answers,
-#: and attempts whose client left (every cell ends with its connections closed
-#: mid-request). The rest are failures by class, refusals by reason, and the circuit's
-#: ``circuit_transitions``.
-ROUTINE = frozenset({"ok", "cancelled"})
 
 
 def counted(
