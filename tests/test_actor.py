@@ -529,6 +529,42 @@ async def test_a_body_its_content_encoding_does_not_decode_is_malformed_not_a_cr
         assert (await actor.snapshot()).totals == {"malformed": 2}
 
 
+class AttemptExits(trio.abc.Instrument):
+    """Counts the actor's attempt tasks that have ended."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("ProviderActor._attempt"):
+            self.count += 1
+
+
+@pytest.mark.parametrize("fault", [
+    FaultProfile(),
+    FaultProfile(server_error_probability=1.0),
+    FaultProfile(latency_ms=int(CONFIG.provider("openai").timeouts.attempt * 1000) + 5000),
+], ids=["answer", "server_error", "silence"])
+async def test_a_json_attempt_has_ended_when_its_reply_is_read(autojump_clock, nursery, transport, mock_state, fault):
+    # The router does not cancel a json call's scope once it has the reply
+    # (Router._attempt): that is only right while the attempt replies as its last act,
+    # with no checkpoint after. Were there one, the requester would sometimes run
+    # first (trio shuffles each batch of runnable tasks), so ten calls would catch it.
+    mock_state.configure(fault)
+    actor = await start(nursery, transport, breaker=attrs.evolve(CONFIG.provider("openai").breaker,
+                                                                 failure_threshold=100))
+    exits = AttemptExits()
+    trio.lowlevel.add_instrument(exits)
+    try:
+        for count in range(1, 11):
+            message, reply = call()
+            assert actor.submit(message)
+            outcome = await reply.receive()
+            assert exits.count == count, outcome
+    finally:
+        trio.lowlevel.remove_instrument(exits)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_bug_in_an_attempt_fails_that_call_not_the_actor(nursery, stream, caplog):
     class Broken(httpx.AsyncBaseTransport):
