@@ -548,8 +548,9 @@ class AttemptExits(trio.abc.Instrument):
 async def test_a_json_attempt_has_ended_when_its_reply_is_read(autojump_clock, nursery, transport, mock_state, fault):
     # The router does not cancel a json call's scope once it has the reply
     # (Router._attempt): that is only right while the attempt replies as its last act,
-    # with no checkpoint after. Were there one, the requester would sometimes run
-    # first (trio shuffles each batch of runnable tasks), so ten calls would catch it.
+    # with no checkpoint after. Were there one, the requester would run first about
+    # half the time (trio reverses each batch of runnable tasks at random), so ten
+    # calls would catch it.
     mock_state.configure(fault)
     actor = await start(nursery, transport, breaker=attrs.evolve(CONFIG.provider("openai").breaker,
                                                                  failure_threshold=100))
