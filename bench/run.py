@@ -40,6 +40,7 @@ from bench.procs import MemorySampler, cpu_seconds, machine_busy_seconds, rss_by
 from bench.report import CROWDED, MIB, NOISY, Cell, check_targets, compare, counted, notes, pairs, refusals, table
 from bench.targets import (
     LITELLM_VERSION,
+    REPO,
     Target,
     body_for,
     gateway_counts,
@@ -322,11 +323,18 @@ def _measure_cell(
         provider_counts=counts,
     )
     if result.error_count:
-        cell.logs = {server.name: server.log_since(mark, first=LOG_LINES[0], last=LOG_LINES[1])
+        cell.logs = {server.name: _within_checkout(server.log_since(mark, first=LOG_LINES[0], last=LOG_LINES[1]))
                      for server, mark in zip(servers, log_marks, strict=True)}
     cell.refused = refusals(cell, client)
     cell.notes = notes(cell)
     return cell
+
+
+def _within_checkout(lines: list[str]) -> list[str]:
+    """Log lines with the checkout's absolute path taken out of them (tracebacks name
+    files by it): results kept in the repository say nothing of the machine."""
+    root = f"{REPO}{os.sep}"
+    return [line.replace(root, "") for line in lines]
 
 
 def _role(target: Target, pids: list[int], pid: int) -> str:

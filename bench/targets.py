@@ -27,6 +27,7 @@ from bench.procs import Server, free_port
 
 __all__ = [
     "LITELLM_KEY",
+    "REPO",
     "Target",
     "body_for",
     "gateway_counts",

@@ -236,3 +236,15 @@ def test_a_cell_notes_what_went_wrong_between_the_gateway_and_its_providers():
     assert notes(broken) == [
         "gateway's calls to mock: circuit_open 17,085, circuit_transitions 1, server_error 5 (ok 2,982)",
     ]
+
+
+def test_kept_log_lines_name_files_within_the_checkout():
+    from bench import run
+    from bench.targets import REPO
+
+    lines = [f'  File "{REPO}/.peers/litellm-venv/lib/python3.11/site-packages/aiohttp/payload.py", line 415',
+             "12:00:00 WARNING [req_1] 503 service_unavailable"]
+    assert run._within_checkout(lines) == [
+        '  File ".peers/litellm-venv/lib/python3.11/site-packages/aiohttp/payload.py", line 415',
+        "12:00:00 WARNING [req_1] 503 service_unavailable",
+    ]
