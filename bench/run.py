@@ -136,7 +136,12 @@ def _start(name: str, workdir: Path, mock: Target) -> Target | None:
             return None
         _progress(f"starting LiteLLM {LITELLM_VERSION} (about 6 s)")
         return start_litellm(workdir, mock.url, binary)
-    return start_gateway(workdir, mock.url, workers=int(name.split("-")[1]))
+    return start_gateway(workdir, mock.url, workers=_workers(name))
+
+
+def _workers(name: str) -> int:
+    """How many workers the target called ``name`` runs: N for ``gateway-N``, else 0."""
+    return int(name.removeprefix("gateway-")) if name.startswith("gateway-") else 0
 
 
 def _measure_target(name: str, mock: Target, client: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
@@ -286,7 +291,7 @@ def _measure_cell(
     in part (``LOG_LINES``): the bench's working directory, logs and all, is gone when
     the run ends.
     """
-    workers = int(target.name.removeprefix("gateway-")) if target.name.startswith("gateway-") else 0
+    workers = _workers(target.name)
     counts_before = gateway_counts(target, workers) if workers else {}
     servers = [target.server] if target is mock else [target.server, mock.server]
     log_marks = [server.log_size() for server in servers]
