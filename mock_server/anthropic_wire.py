@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from .conversation import ChatRequest, Completion, Finish, count_tokens
-from .wire import InvalidRequest, StreamScript, sse_event
+from .wire import InvalidRequest, StreamScript, sse_event, sse_series
 
 __all__ = ["ANTHROPIC", "AnthropicPersonality"]
 
@@ -135,16 +135,14 @@ class AnthropicPersonality:
         )
         return StreamScript(
             head=head,
-            pieces=tuple(
-                sse_event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": piece},
-                    },
-                )
-                for piece in completion.pieces
+            pieces=sse_series(
+                lambda piece: {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": piece},
+                },
+                completion.pieces,
+                event="content_block_delta",
             ),
             tail=tail,
             end=sse_event("message_stop", {"type": "message_stop"}),

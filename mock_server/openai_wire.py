@@ -7,7 +7,7 @@ import time
 import orjson
 
 from .conversation import ChatRequest, Completion, count_tokens
-from .wire import InvalidRequest, StreamScript, sse
+from .wire import InvalidRequest, StreamScript, sse, sse_series
 
 __all__ = ["OPENAI", "OpenAIPersonality"]
 
@@ -120,23 +120,24 @@ class OpenAIPersonality:
     ) -> StreamScript:
         created = int(time.time())
 
+        def chunk_data(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, object]:
+            return {
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": request.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+            }
+
         def chunk(delta: dict[str, str], finish_reason: str | None = None) -> bytes:
-            return sse(
-                {
-                    "id": response_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": request.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": delta,
-                            "logprobs": None,
-                            "finish_reason": finish_reason,
-                        }
-                    ],
-                }
-            )
+            return sse(chunk_data(delta, finish_reason))
 
         tail = chunk({}, completion.finish.value)
         if request.include_usage:
@@ -152,7 +153,7 @@ class OpenAIPersonality:
             )
         return StreamScript(
             head=chunk({"role": "assistant", "content": ""}),
-            pieces=tuple(chunk({"content": piece}) for piece in completion.pieces),
+            pieces=sse_series(lambda piece: chunk_data({"content": piece}), completion.pieces),
             tail=tail,
             end=b"data: [DONE]\n\n",
             malformed=b'data: {"id": "' + response_id.encode() + b'", "choices": [{"delta": \n\n',
