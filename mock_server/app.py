@@ -192,10 +192,12 @@ async def _model_request(
                 else:
                     started = True
                     await send(start_message(reply.status, reply.content_type, reply.headers))
-                    async with aclosing(reply.body) as pieces:
-                        async for piece in pieces:
-                            await send(body_message(piece, more=True))
-                    last = [body_message(b"")]
+                    async with aclosing(reply.body) as writes:
+                        async for piece, final in writes:
+                            if final:  # sent below, as the body's end: one write with it
+                                last = [body_message(piece)]
+                            else:
+                                await send(body_message(piece, more=True))
         except trio.Cancelled:  # from further out: the server is going away with the client
             state[personality.name].stats.disconnects += 1
             raise
@@ -219,7 +221,7 @@ class _Reply:
     """What a model request is answered with: all at once, or as a stream of pieces."""
 
     status: int
-    body: bytes | AsyncIterator[bytes]
+    body: bytes | AsyncIterator[tuple[bytes, bool]]
     headers: dict[str, str] = attrs.field(factory=dict)
     content_type: bytes = _JSON_TYPE
 
@@ -307,15 +309,19 @@ async def _answer(
     return _Reply(200, personality.response_body(chat, completion, response_id))
 
 
-async def _play(script: StreamScript, fault: FaultKind | None, profile: FaultProfile) -> AsyncIterator[bytes]:
+async def _play(
+    script: StreamScript, fault: FaultKind | None, profile: FaultProfile
+) -> AsyncIterator[tuple[bytes, bool]]:
     """Send a stream script, bent by its fault: what ``_timeline`` lays out, one write
-    per moment.
+    per moment, each with whether it is the last.
 
     Events due at the same moment leave together, in one piece: a pause (a fault's, or
     ``chunk_delay_ms``) ends a write. A buffered server writes the same way, and on
     this mock an ASGI send costs far more than the bytes in it: one send per event made
     an unpaced stream cost it about 2.8 ms of CPU, enough to make the mock, not the
-    client of it, the bottleneck of any streaming benchmark.
+    client of it, the bottleneck of any streaming benchmark. The last piece (no pause
+    follows it) is the body's end, which leaves with the chunked terminator: an unpaced
+    stream is one write, read by its client at once.
     """
     due: list[bytes] = []
     for step in _timeline(script, fault, profile):
@@ -323,11 +329,10 @@ async def _play(script: StreamScript, fault: FaultKind | None, profile: FaultPro
             due.append(step)
             continue
         if due:
-            yield b"".join(due)
+            yield b"".join(due), False
             due.clear()
         await trio.sleep(step)
-    if due:
-        yield b"".join(due)
+    yield b"".join(due), True
 
 
 def _timeline(script: StreamScript, fault: FaultKind | None, profile: FaultProfile) -> Iterator[bytes | float]:

@@ -425,6 +425,8 @@ class _Writes:
 
     def __init__(self) -> None:
         self.bodies: list[tuple[float, bytes]] = []
+        #: Whether each body message said more would follow.
+        self.more: list[bool] = []
         self._request = [{"type": "http.request", "body": orjson.dumps(body_for("openai", stream=True))}]
 
     async def receive(self) -> dict:
@@ -433,8 +435,9 @@ class _Writes:
         await trio.sleep_forever()
 
     async def send(self, message: dict) -> None:
-        if message["type"] == "http.response.body" and message["body"]:
+        if message["type"] == "http.response.body":
             self.bodies.append((trio.current_time(), message["body"]))
+            self.more.append(message.get("more_body", False))
 
     async def run(self, state: MockState) -> list[tuple[float, bytes]]:
         scope = {"type": "http", "method": "POST", "path": PATHS["openai"], "headers": [], "extensions": {}}
@@ -452,9 +455,13 @@ class _Writes:
 async def test_events_due_together_leave_in_one_write(autojump_clock, profile, writes):
     state = MockState.create()
     state.configure(FaultProfile.from_fields(profile))
-    bodies = await _Writes().run(state)
+    recorder = _Writes()
+    bodies = await recorder.run(state)
     assert [at for at, _ in bodies] == pytest.approx(writes)
     assert bodies[-1][1].endswith(b"data: [DONE]\n\n")
+    # The last piece is the body's end (no empty send after it): the server writes it
+    # with the chunked terminator, and an unpaced stream leaves in one socket write.
+    assert recorder.more == [True] * (len(writes) - 1) + [False]
 
 
 async def test_a_paced_stream_writes_each_chunk_when_due(autojump_clock):
