@@ -172,8 +172,13 @@ async def _relay(stream: ChunkStream, send: ASGISendCallable) -> list[Message]:
             try:
                 batch = await stream.next_batch()
             except StopAsyncIteration:
+                batch = []
+            rest = b"".join(_sse(chunk) for chunk in batch)
+            if not batch or stream.finished:
+                # The chunks that came with the end leave with [DONE] and the body's
+                # end: a stream that arrives at once is one write, read at once.
                 break
-            await send(body_message(b"".join(_sse(chunk) for chunk in batch), more=True))
+            await send(body_message(rest, more=True))
     except StreamInterrupted as error:
         return [body_message(_sse(error.as_json()))]
     finally:
@@ -182,7 +187,7 @@ async def _relay(stream: ChunkStream, send: ASGISendCallable) -> list[Message]:
         event(logging.INFO, stream.request_id, "stream_done",
               f"stream from {stream.provider} finished ({stream.finish_reason})",
               provider=stream.provider, finish_reason=stream.finish_reason)
-    return [body_message(_DONE)]
+    return [body_message(rest + _DONE)]
 
 
 def _internal_error() -> GatewayError:

@@ -42,7 +42,7 @@ class ChunkStream:
     :class:`~orchestrator.errors.StreamInterrupted`.
 
     ``provider`` and ``model`` name who is answering; ``usage`` is the usage of
-    what the client received, once the stream has finished.
+    what the client received, once the stream has ``finished``.
     """
 
     def __init__(self, *, router: Router, request: ChatRequest, journey: Journey, opened: Opened) -> None:
@@ -69,7 +69,9 @@ class ChunkStream:
         self._prefix_chunks = 0
         self._tool_calls_seen = False
         self._done = False
-        #: An ending (StreamEnd or StreamBroken) that ``next_batch`` took but did not handle.
+        #: Whether the provider's stream has ended cleanly (and the answer is whole).
+        self.finished = False
+        #: A break (StreamBroken) that ``next_batch`` took but did not handle.
         self._deferred: StreamItem | None = None
 
     @property
@@ -106,19 +108,10 @@ class ChunkStream:
             if isinstance(item, dict):
                 return self._present(item)
             if isinstance(item, StreamEnd):
-                self._done = True
-                self.finish_reason = item.finish_reason
-                self.usage = self._usage(item.usage)
-                if self._request.include_usage and self.usage is not None:
-                    return {
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": self.usage,
-                    }
-                raise StopAsyncIteration
+                usage_chunk = self._finish(item)
+                if usage_chunk is None:
+                    raise StopAsyncIteration
+                return usage_chunk
             if not await self._continue(item):
                 self._done = True
                 raise StreamInterrupted(
@@ -132,8 +125,11 @@ class ChunkStream:
 
         Blocks only for the first (as ``__anext__`` does, whose exceptions it raises);
         the rest are taken without waiting, so a client that reads slower than the
-        provider writes gets chunks in batches, one write each. An ending found while
-        batching is kept for the next call.
+        provider writes gets chunks in batches, one write each. A clean end found while
+        batching ends the batch and the stream (``finished``; the usage chunk, when the
+        client asked for it, comes last in the batch), so the batch can leave with the
+        end of the response; a break is kept for the next call, which continues the
+        answer or raises.
         """
         batch = [await self.__anext__()]
         while len(batch) < limit and not self._done:
@@ -143,6 +139,11 @@ class ChunkStream:
             try:
                 item = self._chunks.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(item, StreamEnd):
+                usage_chunk = self._finish(item)
+                if usage_chunk is not None:
+                    batch.append(usage_chunk)
                 break
             if not isinstance(item, dict):
                 self._deferred = item
@@ -156,6 +157,23 @@ class ChunkStream:
         body so that its connection can be reused."""
         self._done = True
         self._chunks.close()
+
+    def _finish(self, end: StreamEnd) -> dict[str, Any] | None:
+        """Take the provider's clean end; the usage chunk, if the client asked for one."""
+        self._done = True
+        self.finished = True
+        self.finish_reason = end.finish_reason
+        self.usage = self._usage(end.usage)
+        if not (self._request.include_usage and self.usage is not None):
+            return None
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": self.usage,
+        }
 
     # -- presentation ---------------------------------------------------------------
 

@@ -84,14 +84,49 @@ async def test_an_answer_is_one_start_and_one_body_with_the_journey_headers(auto
     assert orjson.loads(exchange.content)["object"] == "chat.completion"
 
 
-async def test_a_stream_ends_with_done_after_its_chunks(autojump_clock, gw):
+def events(body: bytes) -> list[bytes]:
+    return [event.removeprefix(b"data: ") for event in body.split(b"\n\n") if event]
+
+
+async def test_a_stream_that_arrives_at_once_is_one_body_message_ending_with_done(autojump_clock, gw):
     exchange = Exchange(STREAM_BODY)
     await ChatCompletions(gw, [])(exchange.scope, exchange.receive, exchange.send)
     assert exchange.status == 200
     assert exchange.headers["content-type"].startswith("text/event-stream")
     assert "content-length" not in exchange.headers
-    assert exchange.sent[-1] == {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
-    assert all(message["more_body"] for message in exchange.sent[1:-1])
+    # The mock writes an unpaced stream at once: the gateway passes it on as the
+    # response's one body message, so the server writes it with the body's end.
+    [start, body] = exchange.sent
+    assert body["more_body"] is False
+    *chunks, done = events(body["body"])
+    assert done == b"[DONE]"
+    assert orjson.loads(chunks[0])["choices"][0]["delta"]["role"] == "assistant"
+    assert orjson.loads(chunks[-1])["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_a_paced_stream_ends_with_done_in_the_message_of_its_last_chunks(autojump_clock, gw, mock_state):
+    mock_state.configure(FaultProfile(chunk_delay_ms=20))
+    exchange = Exchange(STREAM_BODY)
+    await ChatCompletions(gw, [])(exchange.scope, exchange.receive, exchange.send)
+    bodies = exchange.sent[1:]
+    assert len(bodies) > 2
+    assert all(message["more_body"] for message in bodies[:-1])
+    assert bodies[-1]["more_body"] is False
+    # The mock's last write holds the last token, the finish chunk and its [DONE].
+    *last_chunks, done = events(bodies[-1]["body"])
+    assert done == b"[DONE]"
+    assert [orjson.loads(chunk)["choices"][0]["finish_reason"] for chunk in last_chunks] == [None, "stop"]
+
+
+async def test_a_stream_with_usage_ends_with_the_usage_chunk_before_done(autojump_clock, gw):
+    body = orjson.dumps({**orjson.loads(STREAM_BODY), "stream_options": {"include_usage": True}})
+    exchange = Exchange(body)
+    await ChatCompletions(gw, [])(exchange.scope, exchange.receive, exchange.send)
+    [start, body] = exchange.sent
+    *chunks, usage, done = events(body["body"])
+    assert done == b"[DONE]"
+    usage = orjson.loads(usage)
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(chunks) - 2
 
 
 @pytest.mark.parametrize("served_by_hosting", [True, False], ids=["extension", "watcher task"])

@@ -467,7 +467,7 @@ async def test_closing_from_another_task_mid_read_starts_no_continuation(autojum
     await assert_healthy(gw)
 
 
-async def test_chunks_already_here_come_in_one_batch_and_the_ending_is_kept(autojump_clock, gw):
+async def test_chunks_already_here_come_in_one_batch_with_the_end(autojump_clock, gw):
     async with gw.stream_chat_completion(REQUEST) as chunks:
         await trio.sleep(1)  # the provider runs ahead: its chunks wait, received, unread
         batches = []
@@ -476,7 +476,9 @@ async def test_chunks_already_here_come_in_one_batch_and_the_ending_is_kept(auto
                 batches.append(await chunks.next_batch())
             except StopAsyncIteration:
                 break
-    assert len(batches[0]) > 1  # everything already delivered, in one batch
+            # The end came in the batch: the stream is finished with it, usage chunk last.
+            assert chunks.finished
+    assert len(batches) == 1  # everything already delivered, in one batch
     pieces = [chunk for batch in batches for chunk in batch]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in pieces if c["choices"])
     assert text == REPLY
