@@ -28,7 +28,7 @@ from orchestrator.messages import (
     StreamEnd,
     StreamOpened,
 )
-from providers.actor import DRAIN_SECONDS, ActorStopped, ProviderActor
+from providers.actor import ADMIT_TOGETHER_BELOW, DRAIN_SECONDS, ActorStopped, ProviderActor
 from providers.pool import KEEPALIVE_EXPIRY
 from rawserver import serving
 
@@ -241,6 +241,47 @@ async def test_calls_given_up_while_queued_are_dropped_together(autojump_clock, 
     for _, dead_reply in dead:
         with pytest.raises(trio.EndOfChannel):
             await dead_reply.receive()  # closed without a value: nothing was sent
+
+
+async def test_a_burst_is_admitted_together_until_the_attempts_in_flight_reach_the_bound(
+    autojump_clock, nursery, transport, mock_state
+):
+    # Calls that arrive together start their upstream calls together, up to
+    # ADMIT_TOGETHER_BELOW in flight; past it the inbox is the queue, one call a pass.
+    mock_state.configure(FaultProfile(latency_ms=10_000))  # every admitted call stays in flight
+    passes = 0
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            await trio.lowlevel.checkpoint()
+            passes += 1
+
+    arrived: list[int] = []
+
+    class Dated(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            arrived.append(passes)
+            return await transport.handle_async_request(request)
+
+    actor = await start(nursery, Dated())
+    extra = 5
+    async with trio.open_nursery() as counting:
+        counting.start_soon(count_passes)
+        burst = [call() for _ in range(ADMIT_TOGETHER_BELOW + extra)]
+        for message, _ in burst:
+            assert actor.submit(message)
+        submitted = passes
+        while len(arrived) < len(burst) and passes < submitted + 1000:
+            await trio.lowlevel.checkpoint()
+        counting.cancel_scope.cancel()
+    together, queued = arrived[:ADMIT_TOGETHER_BELOW], arrived[ADMIT_TOGETHER_BELOW:]
+    # (An attempt reads the pass count in the pass after its admission, before or after
+    # the counting task's turn in it: two calls admitted one pass apart may read the same.)
+    assert max(together) - submitted <= 3 and max(together) - min(together) <= 1
+    assert min(queued) >= max(together) and max(queued) - min(queued) >= extra - 2
+    for message, _ in burst:
+        message.scope.cancel()
 
 
 async def test_calls_given_up_while_they_waited_leave_room_for_new_ones(autojump_clock, nursery, transport):
