@@ -219,6 +219,8 @@ class ProviderActor:
         # counts them); its channel has room for INBOX_SLACK times as many, dead ones too.
         self._capacity = max(64, config.max_concurrency)
         self._waiting: set[Call] = set()
+        #: The slots held by admitted attempts.
+        self._slots: set[_Slot] = set()
         self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
             INBOX_SLACK * self._capacity
         )
@@ -316,16 +318,32 @@ class ProviderActor:
                 return
             self._rate_limited_until = None
         if self._in_flight >= self.config.max_concurrency:
-            self._refuse(call, RefusalReason.SATURATED, None)
-            return
+            self._release_given_up()
+            if self._in_flight >= self.config.max_concurrency:
+                self._refuse(call, RefusalReason.SATURATED, None)
+                return
         before = self._breaker
         self._breaker, admission = before.admit(now)
         self._log_transition(before, call.request_id)
         if admission.verdict is Verdict.REFUSED:
             self._refuse(call, RefusalReason.CIRCUIT_OPEN, admission.retry_after)
             return
+        slot = _Slot(admission, call)
+        self._slots.add(slot)
         self._in_flight += 1
-        attempts.start_soon(self._attempt, call, admission, pool, name=_ATTEMPT_TASK_NAME)
+        attempts.start_soon(self._attempt, call, slot, pool, name=_ATTEMPT_TASK_NAME)
+
+    def _release_given_up(self) -> None:
+        """Give back now the slots of attempts whose requesters have given up.
+
+        Such an attempt is cancelled, or will be when its requester next runs, and gives
+        its slot back as it ends, with no verdict: which is what this does at once. When
+        hundreds of clients leave and come straight back, a burst admitted together is
+        given up together, and the returning calls can reach the actor before those
+        attempts have run again: they would be refused as saturated for slots that are
+        as good as free. Looked for only at the limit (it goes over every slot)."""
+        for slot in [slot for slot in self._slots if slot.call is not None and slot.call.given_up]:
+            self._release(slot, None)
 
     def _refuse(self, call: Call, reason: RefusalReason, retry_after: float | None) -> None:
         self._totals[reason.value] += 1
@@ -334,7 +352,7 @@ class ProviderActor:
 
     # -- one attempt ----------------------------------------------------------------
 
-    async def _attempt(self, call: Call, admission: Admission, pool: ClientPool) -> None:
+    async def _attempt(self, call: Call, slot: _Slot, pool: ClientPool) -> None:
         """One admitted call, in a task of the actor's: reply, then settle the breaker.
 
         Whatever the attempt raises that is not the provider's failure (those become
@@ -342,7 +360,6 @@ class ProviderActor:
         this call with a transient failure, and never the actor, whose end would end
         every call to the provider.
         """
-        slot = _Slot(admission, call.request_id)
         verdict: Verdict_ = None
         try:
             with call.reply:
@@ -371,10 +388,13 @@ class ProviderActor:
     def _release(self, slot: _Slot, verdict: Verdict_) -> None:
         """Give ``slot`` back, once: its place in ``max_concurrency``, and its breaker
         admission with the attempt's ``verdict``."""
-        if slot.held:
-            slot.held = False
+        call = slot.call
+        if call is not None:
+            # Let go of the call: its reply can hold a stream whose tail holds this slot.
+            slot.call = None
+            self._slots.discard(slot)
             self._in_flight -= 1
-            self._settle(verdict, slot.admission, slot.request_id)
+            self._settle(verdict, slot.admission, call.request_id)
 
     def _http_request(self, upstream: UpstreamRequest) -> httpx.Request:
         """The httpx request for ``upstream``, built without httpx's per-request merging.
@@ -641,13 +661,13 @@ class ProviderActor:
 _ATTEMPT_TASK_NAME = f"{__name__}.{ProviderActor._attempt.__qualname__}"
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Slot:
     """An admitted attempt's hold on its provider: given back by ``ProviderActor._release``."""
 
     admission: Admission
-    request_id: str
-    held: bool = True
+    #: The call while the slot is held; None once it is given back.
+    call: Call | None
     #: While the attempt waits under a deadline on ``call.scope``: what it waits for,
     #: whether the deadline is the provider's own timeout, when it started, the deadline.
     silence: tuple[str, bool, float, float] | None = None

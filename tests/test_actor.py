@@ -305,7 +305,9 @@ async def test_a_requester_cancelled_while_it_waits_leaves_room_before_its_task_
 ):
     # Clients leaving cancel their requesters' scopes from the read loop; the calls'
     # own scopes are cancelled only when those requesters next run, and returning
-    # clients can get there first. The cancelled wait for the reply is enough.
+    # clients can get there first. The cancelled wait for the reply is enough, whether
+    # the call still waits in the inbox or, admitted with the burst it came in, holds
+    # one of the provider's slots (given back at once when the limit is reached).
     actor = await start(nursery, transport, max_concurrency=64)
     submitted = 0
 
@@ -325,11 +327,51 @@ async def test_a_requester_cancelled_while_it_waits_leaves_room_before_its_task_
             leaving.start_soon(requester)
         while submitted < 64:
             await trio.lowlevel.checkpoint()
-        leaving.cancel_scope.cancel()  # the actor has taken one call at most meanwhile
+        leaving.cancel_scope.cancel()  # the actor has admitted them together meanwhile
         returning = [call() for _ in range(64)]
         assert all(actor.submit(message) for message, _ in returning)  # before they run
     for _, reply in returning:
         assert isinstance(await reply.receive(), Completed)
+
+
+async def test_slots_of_calls_given_up_are_free_for_new_calls_before_their_attempts_end(
+    autojump_clock, nursery, transport, mock_state
+):
+    # The requesters have stopped waiting but not yet run again to cancel their calls,
+    # so the attempts still hold the provider's two slots, and will until then.
+    mock_state.configure(FaultProfile(latency_ms=1000))
+    actor = await start(nursery, transport, max_concurrency=2)
+    until_new_calls_are_answered = trio.Event()
+
+    async def requester(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        message, reply = call()
+        assert actor.submit(message)
+        with trio.CancelScope() as waiting:
+            task_status.started(waiting)
+            try:
+                await reply.receive()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await until_new_calls_are_answered.wait()
+                reply.abandon()
+                message.scope.cancel()
+
+    async with trio.open_nursery() as leaving:
+        try:
+            waits = [await leaving.start(requester) for _ in range(2)]
+            await trio.sleep(0.5)  # both admitted, both waiting for the provider
+            assert (await actor.snapshot()).in_flight == 2
+            for waiting in waits:
+                waiting.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            new = [call() for _ in range(2)]
+            assert all(actor.submit(message) for message, _ in new)
+            outcomes = [await reply.receive() for _, reply in new]
+        finally:
+            until_new_calls_are_answered.set()
+    assert all(isinstance(outcome, Completed) for outcome in outcomes)  # not refused as saturated
+    snapshot = await actor.snapshot()
+    assert snapshot.in_flight == 0 and snapshot.totals == {"cancelled": 2, "ok": 2}
 
 
 async def test_a_call_taken_from_the_inbox_as_the_actor_stops_is_answered(autojump_clock, transport):
