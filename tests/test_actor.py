@@ -207,37 +207,43 @@ async def test_a_stream_read_yields_to_other_tasks_even_with_its_chunks_at_hand(
     opened.chunks.close()
 
 
+class PassCounter(httpx.AsyncBaseTransport):
+    """``transport``, noting in ``arrived`` at which pass of the scheduler each request
+    reaches it, as counted by ``count`` (run it in a task of its own: it checkpoints
+    once a pass)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+        self.passes = 0
+        self.arrived: list[int] = []
+
+    async def count(self) -> None:
+        while True:
+            await trio.lowlevel.checkpoint()
+            self.passes += 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.arrived.append(self.passes)
+        return await self.transport.handle_async_request(request)
+
+
 async def test_calls_given_up_while_queued_are_dropped_together(autojump_clock, nursery, transport):
     # Hundreds of clients leaving at once leave their calls in the inbox: the actor drops
     # them all in one pass, not one per pass, so a live call behind them waits no longer.
-    passes = 0
-
-    async def count_passes() -> None:
-        nonlocal passes
-        while True:
-            await trio.lowlevel.checkpoint()
-            passes += 1
-
-    arrived: list[int] = []
-
-    class Dated(httpx.AsyncBaseTransport):
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            arrived.append(passes)
-            return await transport.handle_async_request(request)
-
-    actor = await start(nursery, Dated())
+    counter = PassCounter(transport)
+    actor = await start(nursery, counter)
     async with trio.open_nursery() as counting:
-        counting.start_soon(count_passes)
+        counting.start_soon(counter.count)
         dead = [call() for _ in range(40)]
         for message, _ in dead:
             message.scope.cancel()  # as Router._attempt does when its requester leaves
             assert actor.submit(message)
         live, reply = call()
         assert actor.submit(live)
-        submitted = passes
+        submitted = counter.passes
         assert isinstance(await reply.receive(), Completed)
         counting.cancel_scope.cancel()
-    assert arrived and arrived[0] - submitted <= 3
+    assert counter.arrived and counter.arrived[0] - submitted <= 3
     for _, dead_reply in dead:
         with pytest.raises(trio.EndOfChannel):
             await dead_reply.receive()  # closed without a value: nothing was sent
@@ -249,33 +255,19 @@ async def test_a_burst_is_admitted_together_until_the_attempts_in_flight_reach_t
     # Calls that arrive together start their upstream calls together, up to
     # ADMIT_TOGETHER_BELOW in flight; past it the inbox is the queue, one call a pass.
     mock_state.configure(FaultProfile(latency_ms=10_000))  # every admitted call stays in flight
-    passes = 0
-
-    async def count_passes() -> None:
-        nonlocal passes
-        while True:
-            await trio.lowlevel.checkpoint()
-            passes += 1
-
-    arrived: list[int] = []
-
-    class Dated(httpx.AsyncBaseTransport):
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            arrived.append(passes)
-            return await transport.handle_async_request(request)
-
-    actor = await start(nursery, Dated())
+    counter = PassCounter(transport)
+    actor = await start(nursery, counter)
     extra = 5
     async with trio.open_nursery() as counting:
-        counting.start_soon(count_passes)
+        counting.start_soon(counter.count)
         burst = [call() for _ in range(ADMIT_TOGETHER_BELOW + extra)]
         for message, _ in burst:
             assert actor.submit(message)
-        submitted = passes
-        while len(arrived) < len(burst) and passes < submitted + 1000:
+        submitted = counter.passes
+        while len(counter.arrived) < len(burst) and counter.passes < submitted + 1000:
             await trio.lowlevel.checkpoint()
         counting.cancel_scope.cancel()
-    together, queued = arrived[:ADMIT_TOGETHER_BELOW], arrived[ADMIT_TOGETHER_BELOW:]
+    together, queued = counter.arrived[:ADMIT_TOGETHER_BELOW], counter.arrived[ADMIT_TOGETHER_BELOW:]
     # (An attempt reads the pass count in the pass after its admission, before or after
     # the counting task's turn in it: two calls admitted one pass apart may read the same.)
     assert max(together) - submitted <= 3 and max(together) - min(together) <= 1
