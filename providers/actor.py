@@ -211,7 +211,6 @@ class ProviderActor:
         self._transport = transport
         self._breaker = Breaker(config.breaker)
         self._rate_limited_until: float | None = None
-        self._in_flight = 0
         self._totals: Counter[str] = Counter()
         self._transitions = 0
         self._prepared: dict[tuple[Any, ...], tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
@@ -219,7 +218,7 @@ class ProviderActor:
         # counts them); its channel has room for INBOX_SLACK times as many, dead ones too.
         self._capacity = max(64, config.max_concurrency)
         self._waiting: set[Call] = set()
-        #: The slots held by admitted attempts.
+        #: The slots held by admitted attempts: as many as are in flight.
         self._slots: set[_Slot] = set()
         self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
             INBOX_SLACK * self._capacity
@@ -272,7 +271,7 @@ class ProviderActor:
                         message, held = held, None
                     self._handle(message, attempts, pool)
                     held = self._next_live_message()
-                    while held is not None and self._in_flight < ADMIT_TOGETHER_BELOW:
+                    while held is not None and len(self._slots) < ADMIT_TOGETHER_BELOW:
                         self._handle(held, attempts, pool)
                         held = self._next_live_message()
                 sweeping.cancel()  # the attempts in flight still finish
@@ -317,9 +316,9 @@ class ProviderActor:
                 self._refuse(call, RefusalReason.RATE_LIMITED, self._rate_limited_until - now)
                 return
             self._rate_limited_until = None
-        if self._in_flight >= self.config.max_concurrency:
+        if len(self._slots) >= self.config.max_concurrency:
             self._release_given_up()
-            if self._in_flight >= self.config.max_concurrency:
+            if len(self._slots) >= self.config.max_concurrency:
                 self._refuse(call, RefusalReason.SATURATED, None)
                 return
         before = self._breaker
@@ -330,7 +329,6 @@ class ProviderActor:
             return
         slot = _Slot(admission, call)
         self._slots.add(slot)
-        self._in_flight += 1
         attempts.start_soon(self._attempt, call, slot, pool, name=_ATTEMPT_TASK_NAME)
 
     def _release_given_up(self) -> None:
@@ -393,7 +391,6 @@ class ProviderActor:
             # Let go of the call: its reply can hold a stream whose tail holds this slot.
             slot.call = None
             self._slots.discard(slot)
-            self._in_flight -= 1
             self._settle(verdict, slot.admission, call.request_id)
 
     def _http_request(self, upstream: UpstreamRequest) -> httpx.Request:
@@ -637,7 +634,7 @@ class ProviderActor:
             consecutive_failures=breaker.consecutive_failures,
             open_until=breaker.open_until,
             rate_limited_until=self._rate_limited_until,
-            in_flight=self._in_flight,
+            in_flight=len(self._slots),
             max_concurrency=self.config.max_concurrency,
             totals=dict(self._totals),
             circuit_transitions=self._transitions,
