@@ -597,6 +597,8 @@ class ProviderActor:
                 event(logging.ERROR, request_id, "provider_misconfigured",
                       f"provider {self.config.name} refused our credentials or model ({verdict.message}):"
                       " check its configuration", logger=logger, provider=self.config.name)
+            self._log_transition(before, request_id, f"{error_class.value}: {verdict.message}")
+            return
         self._log_transition(before, request_id)
 
     def _limit_rate(self, retry_after: float | None) -> None:
@@ -605,12 +607,16 @@ class ProviderActor:
         if self._rate_limited_until is None or until > self._rate_limited_until:
             self._rate_limited_until = until
 
-    def _log_transition(self, before: Breaker, request_id: str) -> None:
+    def _log_transition(self, before: Breaker, request_id: str, failure: str | None = None) -> None:
+        """Log how the circuit changed, if it did; one that opens on a ``failure`` says
+        what the last one was (below WARNING, failed attempts are not logged)."""
         if before is self._breaker:
             return
         change = describe_transition(before, self._breaker)
         if change is not None:
             self._transitions += 1
+            if failure is not None and self._breaker.state is CircuitState.OPEN:
+                change += f"; last failure: {failure}"
             event(logging.WARNING, request_id, "circuit", f"circuit for {self.config.name} {change}",
                   logger=logger, provider=self.config.name, circuit=self._breaker.state.value)
 

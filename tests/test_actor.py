@@ -6,6 +6,7 @@ the typed outcomes, under the autojump clock so breaker intervals are exact.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import attrs
@@ -639,6 +640,19 @@ async def test_a_json_attempt_has_ended_when_its_reply_is_read(autojump_clock, n
             assert exits.count == count, outcome
     finally:
         trio.lowlevel.remove_instrument(exits)
+
+
+async def test_a_circuit_that_opens_says_what_the_last_failure_was(autojump_clock, nursery, transport, mock_state,
+                                                                  caplog):
+    mock_state.configure(FaultProfile(server_error_probability=1.0))
+    actor = await start(nursery, transport)
+    with caplog.at_level(logging.WARNING, logger="providers.actor"):
+        for _ in range(5):
+            outcome, _ = await ask(actor)
+            assert isinstance(outcome, Failed)
+    [opened] = [record.getMessage() for record in caplog.records if "OPENED" in record.getMessage()]
+    assert opened.startswith("circuit for openai OPENED after 5 consecutive failures, for 10.0s; last failure: server_error: ")
+    assert opened.endswith(outcome.message)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
