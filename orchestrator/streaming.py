@@ -72,7 +72,7 @@ class ChunkStream:
         #: Whether the provider's stream has ended cleanly (and the answer is whole).
         self.finished = False
         #: A break (StreamBroken) that ``next_batch`` took but did not handle.
-        self._deferred: StreamItem | None = None
+        self._deferred: StreamBroken | None = None
 
     @property
     def request_id(self) -> str:
@@ -97,7 +97,7 @@ class ChunkStream:
                 return self._present(self._head.pop(0))
             if self._done:
                 raise StopAsyncIteration
-            item = self._deferred
+            item: StreamItem | None = self._deferred
             if item is not None:
                 self._deferred = None
             else:
