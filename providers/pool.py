@@ -16,6 +16,8 @@ is parsed in place::
                       │   empty: connect (TCP, TLS with the shared SSL context) under the
                       │          request's connect timeout
                       │ head + body in one write, straight to the socket when it takes them
+                      │ a reused connection closed by the server with no byte of answer:
+                      │   once more, on a new connection
                       v
                     status line and headers parsed ──► httpx.Response(stream=_Body)
                                                         │ Content-Length, chunked, or to EOF
@@ -26,7 +28,10 @@ is parsed in place::
 Failures are httpx's own exceptions, as ``providers.classify`` expects: ``ConnectError``
 and ``ConnectTimeout`` (no connection), ``WriteError`` (sending), ``ReadError`` (reset
 while reading), ``RemoteProtocolError`` (closed before the answer was complete, or
-not HTTP/1.x). Transport-level retries are none: the router is the only retry loop.
+not HTTP/1.x). The router is the only retry loop: the transport resends a request only
+when the kept-alive connection it chose turns out to have been closed by the server,
+with not one byte of answer (a server's idle timeout that crossed our reuse), and then
+once, on a new connection; that connection's failures are the request's.
 Read timeouts are left to the actor's trio cancel scopes; a cancelled request closes
 its connection, so nothing half-read is ever reused. HTTP/1.1 only, no proxies.
 
@@ -209,9 +214,21 @@ class LeanTransport(httpx.AsyncBaseTransport):
         connection: _Connection | None = None
         body: _Body | None = None
         try:
-            connection = await self._connection(request)
-            await connection.send(payload, request)
-            status, reason, headers, http_version = await connection.read_head(request)
+            connection, reused = await self._connection(request)
+            received = connection.received
+            try:
+                status, reason, headers, http_version = await connection.exchange(payload, request)
+            except (httpx.WriteError, httpx.ReadError, httpx.RemoteProtocolError):
+                if not reused or connection.received != received:
+                    raise
+                # The server closed this kept-alive connection as the request went out
+                # (its idle timeout and our reuse crossed): it answered nothing. That
+                # is the connection's failure, not the provider's, and the router would
+                # back off and count it against the breaker; so once, on a new one.
+                connection.close()
+                connection = None
+                connection = await self._open(request)
+                status, reason, headers, http_version = await connection.exchange(payload, request)
             body = _Body(self, connection, request, status, headers, http_version)
         finally:
             if body is None:  # failed or cancelled before a response: give everything back
@@ -258,19 +275,20 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 connection.close()
         self._idle.clear()
 
-    async def _connection(self, request: httpx.Request) -> _Connection:
-        url = request.url
-        if url.scheme not in _DEFAULT_PORTS:
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
-        origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
-        stack = self._idle.get(origin)
+    async def _connection(self, request: httpx.Request) -> tuple[_Connection, bool]:
+        """The newest reusable idle connection to the request's origin (and True), or a
+        new one (and False)."""
+        stack = self._idle.get(_origin(request))
         now = trio.current_time()
         while stack:
             connection = stack.pop()
             if connection.reusable(now):
-                return connection
+                return connection, True
             connection.close()
-        return await _Connection.open(origin, request, self._ssl_context)
+        return await self._open(request), False
+
+    async def _open(self, request: httpx.Request) -> _Connection:
+        return await _Connection.open(_origin(request), request, self._ssl_context)
 
     def _release(self, connection: _Connection, *, keep: bool) -> None:
         """A response is done with its connection: keep it for the next request or close it."""
@@ -282,6 +300,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
             connection.close()
 
 
+def _origin(request: httpx.Request) -> tuple[str, str, int]:
+    url = request.url
+    if url.scheme not in _DEFAULT_PORTS:
+        raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme]
+
+
 class _Connection:
     """One connection: its trio stream and the bytes received but not yet parsed."""
 
@@ -291,6 +316,8 @@ class _Connection:
         self.socket = socket
         self.cleartext = isinstance(stream, trio.SocketStream)
         self.buffer = bytearray()
+        #: Bytes received over the connection's life: whether a request got any answer.
+        self.received = 0
         self.idle_since = 0.0
 
     @classmethod
@@ -366,7 +393,13 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise httpx.ReadError(f"connection lost while reading: {error}", request=request) from None
         self.buffer += data
+        self.received += len(data)
         return bool(data)
+
+    async def exchange(self, data: bytes, request: httpx.Request) -> tuple[int, bytes, list[tuple[bytes, bytes]], int]:
+        """Send a request's bytes and read the head of its answer (see :meth:`read_head`)."""
+        await self.send(data, request)
+        return await self.read_head(request)
 
     async def read_head(self, request: httpx.Request) -> tuple[int, bytes, list[tuple[bytes, bytes]], int]:
         """The final response head: status, reason, headers, minor HTTP version (1xx skipped)."""

@@ -23,7 +23,7 @@ import trio
 
 import providers.pool
 from providers.pool import ClientPool, LeanTransport, ResponseTooLarge, UpstreamClient, body_pieces
-from rawserver import Server, reply, serving
+from rawserver import Answer, Server, reply, serving
 from scheduling import counting_suspensions
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
@@ -188,6 +188,58 @@ async def test_an_idle_connection_the_server_closed_is_not_reused():
                 await trio.sleep(0.01)
         assert (await upstream.post(server.url, content=b"")).status_code == 200
         assert server.connections == 2
+
+
+def closing_on_request(number: int, *, reset: bool = False, first_bytes: bytes = b"") -> Answer:
+    """Answer ``OK``, except that each connection's ``number``-th request is met with
+    ``first_bytes`` (none by default) and a close -- or a reset -- as a server whose idle
+    timeout crosses the client's reuse of the connection does."""
+    served: dict[trio.SocketStream, int] = {}
+
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        served[stream] = served.get(stream, 0) + 1
+        if served[stream] < number:
+            await stream.send_all(OK)
+            return
+        if first_bytes:
+            await stream.send_all(first_bytes)
+        if reset:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    return answer
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_a_kept_alive_connection_closed_as_the_request_arrives_is_replaced_once(reset):
+    async with serving(closing_on_request(2, reset=reset)) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"first")).status_code == 200
+        response = await upstream.post(server.url, content=b"second")
+        assert (response.status_code, response.json()) == (200, {"ok": True})
+        assert server.connections == 2
+        assert [request.rsplit(b"\r\n", 1)[-1] for request in server.received] == [b"first", b"second", b"second"]
+
+
+async def test_the_new_connection_is_tried_once_and_its_failure_is_the_requests():
+    async with serving(closing_on_request(1)) as server, client() as upstream:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await upstream.post(server.url, content=b"")  # a new connection: not retried
+        assert server.connections == 1
+    async with serving(closing_on_request(2)) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"")).status_code == 200
+        server.answer = closing_on_request(1)  # from now on every request is cut
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await upstream.post(server.url, content=b"")
+        assert server.connections == 2  # the reused one, and one more
+
+
+async def test_a_kept_alive_connection_that_began_an_answer_is_not_replaced():
+    cut_head = closing_on_request(2, first_bytes=b"HTTP/1.1 200 OK\r\ncontent-le")
+    async with serving(cut_head) as server, client() as upstream:
+        assert (await upstream.post(server.url, content=b"")).status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await upstream.post(server.url, content=b"")
+        assert server.connections == 1
 
 
 async def test_close_stale_closes_the_idle_connections_that_would_not_be_reused(autojump_clock):
