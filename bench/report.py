@@ -72,8 +72,9 @@ NOISY = 0.30
 MIB = 1024 * 1024
 #: A provider actor's counts (``/health`` totals) that say nothing went wrong: answers,
 #: and attempts whose client left (every cell ends with its connections closed
-#: mid-request). The rest are failures by class, refusals by reason, and the circuit's
-#: ``circuit_transitions``.
+#: mid-request). The rest are failures by class, refusals by reason, the circuit's
+#: ``circuit_transitions``, and ``connections_replaced`` (kept-alive connections the
+#: provider closed as a request went out: no failure, but worth seeing).
 ROUTINE = frozenset({"ok", "cancelled"})
 
 

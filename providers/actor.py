@@ -220,6 +220,7 @@ class ProviderActor:
         self._waiting: set[Call] = set()
         #: The slots held by admitted attempts: as many as are in flight.
         self._slots: set[_Slot] = set()
+        self._pool: ClientPool | None = None  # while running
         self._inbox_send, self._inbox = trio.open_memory_channel[Call | SnapshotRequest | ResetRequest](
             INBOX_SLACK * self._capacity
         )
@@ -235,6 +236,7 @@ class ProviderActor:
             connect_timeout=self.config.timeouts.connect,
             transport=self._transport,
         )
+        self._pool = pool
         # The next live message, taken out of the inbox, between two passes.
         held: Call | SnapshotRequest | ResetRequest | None = None
         try:
@@ -642,9 +644,16 @@ class ProviderActor:
             rate_limited_until=self._rate_limited_until,
             in_flight=len(self._slots),
             max_concurrency=self.config.max_concurrency,
-            totals=dict(self._totals),
+            totals=self._totals_now(),
             circuit_transitions=self._transitions,
         )
+
+    def _totals_now(self) -> dict[str, int]:
+        totals = dict(self._totals)
+        replaced = self._pool.connections_replaced() if self._pool is not None else 0
+        if replaced:  # the provider's kept-alive connections closed under requests: no failure
+            totals["connections_replaced"] = replaced
+        return totals
 
     def _close_inbox(self) -> None:
         """Answer every queued call with a closed reply channel, then refuse new ones."""

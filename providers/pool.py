@@ -116,6 +116,11 @@ class ClientPool:
     def next(self) -> httpx.AsyncClient:
         return self._next()
 
+    def connections_replaced(self) -> int:
+        """How many requests went out again on a new connection because the server had
+        closed their kept-alive one as they went out (see ``LeanTransport``)."""
+        return sum(transport.replaced for transport in self._transports)
+
     def close_stale(self) -> int:
         """Close the idle connections no longer worth keeping (see
         :meth:`LeanTransport.close_stale`); return how many. Never blocks."""
@@ -195,6 +200,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._ssl_context = ssl_context
         self._closed = False
+        #: Requests resent on a new connection: their kept-alive one was closed under them.
+        self.replaced = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``; return once the response head is in (the body streams).
@@ -227,6 +234,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 # back off and count it against the breaker; so once, on a new one.
                 connection.close()
                 connection = None
+                self.replaced += 1
                 connection = await self._open(request)
                 status, reason, headers, http_version = await connection.exchange(payload, request)
             body = _Body(self, connection, request, status, headers, http_version)

@@ -515,6 +515,28 @@ async def test_a_finished_streams_connection_is_kept_only_if_its_body_ends(nurse
         assert (await actor.snapshot()).totals == {"ok": 2}
 
 
+async def test_a_kept_alive_connection_closed_under_a_request_is_no_failure_and_is_counted(nursery):
+    # Each connection's second request is met with a close, as when the provider's idle
+    # timeout crosses the reuse: the answer comes on a new connection, in the same attempt.
+    served: dict[trio.SocketStream, int] = {}
+
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        served[stream] = served.get(stream, 0) + 1
+        if served[stream] == 2:
+            await stream.aclose()
+        else:
+            await stream.send_all(SSE_HEAD + ANSWER + b"0\r\n\r\n")
+
+    async with serving(answer) as server:
+        actor = await start_against(nursery, server)
+        for _ in range(2):
+            assert isinstance((await stream_through(actor))[-1], StreamEnd)
+        snapshot = await actor.snapshot()
+        assert snapshot.totals == {"ok": 2, "connections_replaced": 1}
+        assert snapshot.consecutive_failures == 0
+        assert server.connections == 2
+
+
 async def test_a_quiet_providers_idle_connections_are_closed_after_the_keep_alive_expiry(autojump_clock, nursery):
     async def answer(stream: trio.SocketStream, request: bytes) -> None:
         await stream.send_all(SSE_HEAD + ANSWER + b"0\r\n\r\n")

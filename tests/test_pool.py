@@ -220,6 +220,17 @@ async def test_a_kept_alive_connection_closed_as_the_request_arrives_is_replaced
         assert [request.rsplit(b"\r\n", 1)[-1] for request in server.received] == [b"first", b"second", b"second"]
 
 
+async def test_the_pool_counts_the_connections_it_replaced():
+    pool = ClientPool(shards=2, max_connections=4, connect_timeout=5.0)
+    try:
+        async with serving(closing_on_request(2)) as server:
+            for _ in range(4):  # each shard: a new connection, then one closed under its request
+                assert (await pool.next().post(server.url, content=b"")).status_code == 200
+        assert pool.connections_replaced() == 2
+    finally:
+        await pool.aclose()
+
+
 async def test_the_new_connection_is_tried_once_and_its_failure_is_the_requests():
     async with serving(closing_on_request(1)) as server, client() as upstream:
         with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
