@@ -232,10 +232,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 # (its idle timeout and our reuse crossed): it answered nothing. That
                 # is the connection's failure, not the provider's, and the router would
                 # back off and count it against the breaker; so once, on a new one.
+                origin = connection.origin
                 connection.close()
-                connection = None
+                connection = None  # if connecting fails, nothing is left to close
                 self.replaced += 1
-                connection = await self._open(request)
+                connection = await _Connection.open(origin, request, self._ssl_context)
                 status, reason, headers, http_version = await connection.exchange(payload, request)
             body = _Body(self, connection, request, status, headers, http_version)
         finally:
@@ -286,17 +287,15 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _connection(self, request: httpx.Request) -> tuple[_Connection, bool]:
         """The newest reusable idle connection to the request's origin (and True), or a
         new one (and False)."""
-        stack = self._idle.get(_origin(request))
+        origin = _origin(request)
+        stack = self._idle.get(origin)
         now = trio.current_time()
         while stack:
             connection = stack.pop()
             if connection.reusable(now):
                 return connection, True
             connection.close()
-        return await self._open(request), False
-
-    async def _open(self, request: httpx.Request) -> _Connection:
-        return await _Connection.open(_origin(request), request, self._ssl_context)
+        return await _Connection.open(origin, request, self._ssl_context), False
 
     def _release(self, connection: _Connection, *, keep: bool) -> None:
         """A response is done with its connection: keep it for the next request or close it."""
