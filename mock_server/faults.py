@@ -186,13 +186,15 @@ class FaultProfile:
         return cls(**fields)
 
     def probability(self, kind: FaultKind) -> float:
-        return getattr(self, f"{kind.value}_probability")
+        return getattr(self, _PROBABILITY_FIELD[kind])
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
 _FIELD_NAMES = frozenset(field.name for field in attrs.fields(FaultProfile))
+#: Named once: ``decide`` looks up nine probabilities on every request.
+_PROBABILITY_FIELD = {kind: f"{kind.value}_probability" for kind in FaultKind}
 
 
 @attrs.frozen
