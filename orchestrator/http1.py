@@ -216,6 +216,11 @@ class Http1Protocol:
                 if self._preamble is not None:
                     self._preamble += event.data
                 self._feed(event.data)
+                if self._preamble is not None and not self._in_message and not self._parsed:
+                    # llhttp passed over all of it: empty lines before a first request,
+                    # which no size limit sees. Kept, a client sending nothing else
+                    # would grow this buffer by as much as it could send.
+                    self._preamble.clear()
                 await self._handle_parsed()
         elif isinstance(event, Closed):
             self._closed = True

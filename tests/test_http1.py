@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 from typing import Any
 
@@ -12,6 +13,7 @@ import trio
 from hypercorn.config import Config
 
 from orchestrator.hosting import serve
+from orchestrator.http1 import Http1Protocol
 from scheduling import counting_suspensions
 
 
@@ -338,6 +340,25 @@ async def test_a_head_under_the_limit_is_served_however_it_is_split(echo):
     head = b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: " + b"a" * 12_000 + b"\r\n\r\n"
     data = await exchange(url, [head[:5000], head[5000:10000], head[10000:]])
     assert [body for _, _, body in split_responses(data)] == [b"GET /big "]
+
+
+async def test_empty_lines_before_a_first_request_are_not_kept(echo):
+    # They are no head, so no head's limit bounds them: kept for a protocol switch, a
+    # client sending nothing else grew the connection by all it sent.
+    url, _ = await echo()
+    stream = await trio.open_tcp_stream(*address(url))
+    with trio.fail_after(5):
+        for _ in range(64):
+            await stream.send_all(b"\r\n" * 32_768)
+        await trio.sleep(0.05)  # the server reads what is in flight
+        [protocol] = [item for item in gc.get_objects() if isinstance(item, Http1Protocol)]
+        assert len(protocol._preamble) < 65_536  # 4 MiB were sent
+        await stream.send_all(b"GET /after HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    assert [body for _, _, body in split_responses(received)] == [b"GET /after "]
 
 
 async def test_a_bad_request_after_a_good_one_is_refused_after_the_good_one_is_answered(echo):
