@@ -169,6 +169,8 @@ class Config:
     body_timeout: float = 30.0
     #: How long an idle connection (or one still sending its request head) stays open.
     keep_alive: float = 5.0
+    #: How long a client may take no byte of its answer before its connection is reset.
+    send_timeout: float = 30.0
 
     def provider(self, name: str) -> ProviderConfig:
         for provider in self.providers:
@@ -273,6 +275,7 @@ class Config:
             shutdown_grace=top.number("shutdown_grace_seconds", None, minimum=0.0),
             body_timeout=top.number("body_timeout_seconds", _default(cls, "body_timeout"), minimum=0.001),
             keep_alive=top.number("keep_alive_seconds", _default(cls, "keep_alive"), minimum=0.001),
+            send_timeout=top.number("send_timeout_seconds", _default(cls, "send_timeout"), minimum=0.001),
         )
         top.finish()
         if set(client_keys) & set(admin_keys):

@@ -34,6 +34,10 @@ What it adds to ``hypercorn.trio.serve``:
   prompt cancellation for a handler without a task parked on ``receive()`` for
   ``http.disconnect`` (a task costs its spawn, its wake-up and its exit, on every
   request).
+- A client that takes no byte of its answer for ``send_timeout`` seconds (30) has its
+  connection reset and its request told it left, and a write waiting for a client can
+  be cancelled (hypercorn shields it: a client that never read held its request, and
+  a shutdown, for ever).
 - HTTP/1.1 is parsed by llhttp and framed by :mod:`orchestrator.http1` instead of h11
   (HTTP/2 and upgrades are still hypercorn's own), and a write goes straight to the
   socket when no other is under way: together a fifth of a small request's CPU in the
@@ -142,12 +146,15 @@ def hypercorn_config(
     port: int = 0,
     graceful_timeout: float = 3.0,
     keep_alive_timeout: float = 5.0,
+    send_timeout: float = 30.0,
     max_header_bytes: int = 16 * 1024,
 ) -> Config:
     """A hypercorn ``Config`` for one plain-HTTP listener on ``host:port``.
 
     ``graceful_timeout`` is how long in-flight requests may run after shutdown starts;
     ``keep_alive_timeout`` is how long an idle kept-alive connection stays open;
+    ``send_timeout`` is how long a client may take no byte of its answer before its
+    connection is reset (what nginx calls ``send_timeout``);
     ``max_header_bytes`` bounds a request's head (431 past it). The access
     log is off (it costs a line per request), and hypercorn's own errors go to the
     ``hypercorn.error`` logger so that the caller's logging configuration applies.
@@ -157,6 +164,7 @@ def hypercorn_config(
     config.bind = [f"{bind_host}:{port}"]
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = keep_alive_timeout
+    config.send_timeout = send_timeout
     # hypercorn's default of 100 overflows when hundreds of clients connect at once (a
     # burst of 500 connects left SYNs to be retried a second later: multi-second p99s).
     config.backlog = 1024
@@ -174,6 +182,7 @@ class _Config(Config):
 
     _headers_second = -1
     _headers: dict[str, list[tuple[bytes, bytes]]]
+    send_timeout = 30.0  # see ``hypercorn_config``
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
         second = int(time.time())
@@ -224,6 +233,7 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     graceful_timeout: float = 3.0,
     keep_alive_timeout: float = 5.0,
+    send_timeout: float = 30.0,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -236,6 +246,9 @@ async def serve(
     listeners, closes idle connections, gives in-flight requests ``graceful_timeout``
     seconds, cancels what is left, runs the lifespan shutdown and returns.
 
+    A client that takes no byte of its answer for ``send_timeout`` seconds has its
+    connection reset.
+
     ``sockets`` (listening, from :func:`bind_sockets`) replaces binding ``host:port``;
     ``serve`` closes them when it stops.
 
@@ -246,6 +259,7 @@ async def serve(
         port=port,
         graceful_timeout=graceful_timeout,
         keep_alive_timeout=keep_alive_timeout,
+        send_timeout=send_timeout,
     )
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(_HypercornApp(app), config, lifespan_state)
@@ -687,6 +701,9 @@ class _Connection(TCPServer):
         chunked body's terminator, or an empty write), which hypercorn makes in the
         same call; what is still held when that call ends or fails goes then.
         """
+        # Raises once the client is gone (``_write``): hypercorn drops what is sent then
+        # without a checkpoint, and an app sending in a loop would never be told.
+        await trio.lowlevel.checkpoint_if_cancelled()
         kind = message["type"]
         last_piece = kind == "http.response.body" and not message.get("more_body", False) and bool(message.get("body"))
         if kind != "http.response.start" and not last_piece:
@@ -724,26 +741,81 @@ class _Connection(TCPServer):
     async def _write(self, data: bytes) -> None:
         """Write ``data`` to the socket, after anything already being written.
 
-        hypercorn's write takes a lock, enters a shielded cancel scope and goes through
-        trio's ``send_all``: about a tenth of a small request's CPU. When no other write
-        is under way, the bytes go straight to the socket instead, and when it takes
-        them all (a response into an empty send buffer: nearly always) that is the whole
-        write. Like hypercorn's, it raises ``Cancelled`` in a cancelled scope before
-        writing anything, and cannot be cancelled halfway. What the socket does not take,
-        and any error, goes hypercorn's way.
+        When no other write is under way the bytes go straight to the socket, and when it
+        takes them all (a response into an empty send buffer: nearly always) that is the
+        whole write: hypercorn's takes a lock, a shielded cancel scope and trio's
+        ``send_all``, about a tenth of a small request's CPU. Like hypercorn's, it raises
+        ``Cancelled`` in a cancelled scope before writing anything, and a connection
+        found gone is told to the protocol (``Closed``) instead of raised.
+
+        What the socket does not take waits, behind the connection's send lock, for the
+        client to read. Unlike hypercorn's, that wait is not shielded, and it is bounded:
+        a client that takes no byte for ``send_timeout`` seconds is gone. hypercorn's
+        waited for as long as the client did not read, holding the request, its slot at
+        the gateway, and the process at shutdown. A wait that times out or is cancelled
+        resets the connection, as half a response can be followed by nothing else; the
+        read loop then tells the request that its client left.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self.send_lock.locked():
-            try:
-                # Asked afresh each time: a closed socket says -1 (EBADF below), while a
-                # number kept from before could by now name another client's socket.
-                sent = os.write(self._socket.fileno(), data)
-            except OSError:  # would block, or the connection is gone: hypercorn handles it
-                sent = 0
+            sent = self._write_now(data)
             if sent == len(data):
                 return
-            data = data[sent:]
-        await super().protocol_send(RawData(data=data))
+            data = b"" if sent is None else data[sent:]
+        if data:
+            async with self.send_lock:
+                if await self._write_waiting(data):
+                    return
+        # The request learns now that its client left (the read loop would tell it when
+        # it next runs), and its next send raises (see ``send_message``).
+        if self._on_disconnect is not None:
+            self._on_disconnect.cancel()
+        await self.protocol.handle(Closed())
+
+    def _write_now(self, data: bytes) -> int | None:
+        """As much of ``data`` as the socket takes now: how many bytes, None if it is gone."""
+        try:
+            # Asked afresh each time: a closed socket says -1 (EBADF below), while a
+            # number kept from before could by now name another client's socket.
+            return os.write(self._socket.fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # reset or closed by the client, or closed by us
+            return None
+
+    async def _write_waiting(self, data: bytes) -> bool:
+        """Write all of ``data``, waiting for the client to read: False if the client
+        went, or took nothing for ``send_timeout`` seconds (the connection is then reset,
+        as it is when the wait is cancelled, before ``Cancelled`` goes on)."""
+        timeout = self.config.send_timeout
+        deadline = trio.current_time() + timeout
+        try:
+            while True:
+                sent = self._write_now(data)
+                if sent is None:
+                    return False
+                data = data[sent:]
+                if not data:
+                    return True
+                if sent:
+                    deadline = trio.current_time() + timeout
+                elif trio.current_time() >= deadline:
+                    log.info("a client took nothing of its answer for %gs: connection reset", timeout)
+                    self._reset()
+                    return False
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_writable(self._socket)
+        except trio.ClosedResourceError:  # closed by us while waiting
+            return False
+        except trio.Cancelled:
+            self._reset()
+            raise
+
+    def _reset(self) -> None:
+        """Close the connection with a reset (RST), now: the peer reads ECONNRESET."""
+        with contextlib.suppress(OSError):  # Already gone: closing is all that is left.
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self._socket.close()
 
     async def abort(self) -> None:
         """Reset the connection: the peer reads ECONNRESET instead of a response.
@@ -751,10 +823,8 @@ class _Connection(TCPServer):
         hypercorn's read loop then sees the stream closed and tells the app
         ``http.disconnect``; anything the app sends afterwards is dropped.
         """
-        transport = getattr(self.stream, "transport_stream", self.stream)
-        with contextlib.suppress(OSError):  # Already gone: closing is all that is left.
-            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        await transport.aclose()
+        self._reset()
+        await trio.lowlevel.checkpoint()
 
 
 class _KeepAlive:

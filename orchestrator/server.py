@@ -77,6 +77,7 @@ async def serve_gateway(
             sockets=sockets,
             graceful_timeout=config.grace_period,
             keep_alive_timeout=config.keep_alive,
+            send_timeout=config.send_timeout,
             task_status=task_status,
         )
         if handle_signals:

@@ -59,6 +59,7 @@ def test_toml_file(tmp_path):
         """
 deadline_seconds = 12
 seed = 3
+send_timeout_seconds = 7.5
 [retry]
 max_attempts = 2
 backoff_base_seconds = 0.5
@@ -78,7 +79,7 @@ retry = { max_attempts = 1 }
     )
     config = Config.from_toml(path)
     openai = config.provider("openai")
-    assert config.deadline == 12 and config.seed == 3
+    assert config.deadline == 12 and config.seed == 3 and config.send_timeout == 7.5
     assert config.retry.max_attempts == 2 and config.retry.backoff_base == 0.5
     assert openai.base_url == "http://127.0.0.1:8001/v1"
     assert openai.timeouts.attempt == 4
@@ -110,6 +111,7 @@ def test_client_keys_from_the_environment():
         ({"deadline_seconds": "soon"}, "deadline_seconds"),
         ({"deadline_seconds": -1}, "deadline_seconds"),
         ({"deadline_seconds": True}, "deadline_seconds"),
+        ({"send_timeout_seconds": 0}, "send_timeout_seconds"),
         ({"colour": "blue"}, "colour"),
         ({"retry": {"max_attempts": 0}}, "retry.max_attempts"),
         ({"retry": {"jitter": 2}}, "retry.jitter"),

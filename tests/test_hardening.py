@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import trio
 from gateway_fixtures import SEED_BODY, demo_config, start_gateway, wait_until_serving
 from mock_server.faults import FaultProfile
 from orchestrator.server import serve_gateway
+from rawserver import serving
 
 ORCHESTRATOR = str(Path(sys.executable).with_name("orchestrator"))
 
@@ -184,6 +186,44 @@ async def test_a_client_that_never_finishes_its_head_is_closed(mock_server_url, 
     start = trio.current_time()
     await read_until_closed(stream, within=3)
     assert trio.current_time() - start < 1.5
+
+
+async def endless_stream(stream: trio.SocketStream, request: bytes) -> None:
+    """An OpenAI-format upstream whose stream never ends: 16 KiB of content a chunk."""
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o",
+             "choices": [{"index": 0, "delta": {"content": "x" * 16384}, "finish_reason": None}]}
+    event = b"data: " + orjson.dumps(chunk) + b"\n\n"
+    framed = b"%x\r\n%s\r\n" % (len(event), event)
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while True:
+            await stream.send_all(framed)
+
+
+async def test_a_client_that_reads_nothing_of_its_stream_is_cut_off_and_gives_back_its_place(nursery):
+    # The gateway's write used to wait for such a client for ever: its request counted
+    # against max_in_flight, and a shutdown waited for it.
+    async with serving(endless_stream) as upstream:
+        url = await start_gateway(nursery, demo_config(upstream.url, send_timeout=0.3))
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        body = orjson.loads(SEED_BODY) | {"stream": True}
+        await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(orjson.dumps(body)), orjson.dumps(body)))
+        async with httpx.AsyncClient() as client:
+
+            async def in_flight() -> int:
+                return (await client.get(f"{url}/health")).json()["in_flight"]
+
+            with trio.fail_after(5):
+                while await in_flight() == 0:  # the stream is under way
+                    await trio.sleep(0.01)
+                started = trio.current_time()
+                while await in_flight() != 0:  # and then the client is given up
+                    await trio.sleep(0.05)
+        assert trio.current_time() - started >= 0.25
+        sock.close()
 
 
 async def test_a_client_that_trickles_its_body_is_cut_off(mock_server_url, mock_state, nursery):

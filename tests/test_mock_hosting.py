@@ -278,6 +278,65 @@ async def test_a_long_answer_to_a_slow_reader_arrives_whole_and_in_order(nursery
     assert data.split(b"\r\n\r\n", 1)[1] == b"".join(pieces)
 
 
+def endless_app(sending: trio.Event, left: trio.Event):
+    """A plain ASGI app streaming 64 KiB pieces until its client leaves (``left``)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await pieces_app()(scope, receive, send)
+            return
+        with trio.CancelScope() as cancel_scope:
+            scope["extensions"][DISCONNECT_EXTENSION](cancel_scope)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            sending.set()
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+        left.set()
+
+    return app
+
+
+async def not_reading_client(url: str) -> trio.SocketStream:
+    """A connection that asks for an answer and will not read it."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(address(url))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    return stream
+
+
+async def test_a_client_that_reads_nothing_of_its_answer_is_reset_after_the_send_timeout(nursery):
+    # hypercorn's write waited, shielded, for as long as the client did not read: the
+    # request, and at the gateway its slot, were held for ever.
+    sending, left = trio.Event(), trio.Event()
+    [url] = await nursery.start(partial(serve, endless_app(sending, left), send_timeout=0.3))
+    stream = await not_reading_client(url)
+    with trio.fail_after(5):
+        await sending.wait()
+        started = trio.current_time()
+        await left.wait()  # the app is told its client left
+    assert 0.3 <= trio.current_time() - started < 2
+    with pytest.raises(trio.BrokenResourceError):  # reset: what was sent is not read
+        while await stream.receive_some(1 << 20):
+            pass
+
+
+async def test_a_write_waiting_for_a_client_that_reads_nothing_ends_with_the_grace_period():
+    # A second signal (or the grace period's end) stopped nothing while a write waited.
+    sending, left = trio.Event(), trio.Event()
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, endless_app(sending, left), graceful_timeout=0.2,
+                                            send_timeout=60, shutdown_trigger=shutdown.wait))
+        stream = await not_reading_client(url)
+        await sending.wait()
+        shutdown.set()
+        started = trio.current_time()
+    assert trio.current_time() - started < 2  # not the 60 s send timeout
+    await stream.aclose()
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 async def test_a_client_leaving_mid_request_cancels_it_at_once(nursery, reset):
     entered, cancelled = trio.Event(), trio.Event()
