@@ -29,11 +29,11 @@ What it adds to ``hypercorn.trio.serve``:
 - Every HTTP request scope carries an abort function under ``ABORT_EXTENSION`` in
   ``scope["extensions"]``: awaiting it resets the TCP connection (the peer sees a
   connection reset, not a response). The mock provider's ``reset`` fault uses it.
-- And a function under ``DISCONNECT_EXTENSION`` that takes a ``trio.CancelScope``
-  and cancels it if the client disconnects before its response has been sent:
-  prompt cancellation for a handler without a task parked on ``receive()`` for
-  ``http.disconnect`` (a task costs its spawn, its wake-up and its exit, on every
-  request).
+- And, on HTTP/1.x, a function under ``DISCONNECT_EXTENSION`` that takes a
+  ``trio.CancelScope`` and cancels it if the client disconnects before its response
+  has been sent: prompt cancellation for a handler without a task parked on
+  ``receive()`` for ``http.disconnect`` (a task costs its spawn, its wake-up and its
+  exit, on every request). An HTTP/2 request is told by ``http.disconnect`` alone.
 - A client that takes no byte of its answer for ``send_timeout`` seconds (30) has its
   connection reset and its request told it left, and a write waiting for a client can
   be cancelled (hypercorn shields it: a client that never read held its request, and
@@ -470,8 +470,9 @@ async def watch_signals(
 class _HypercornApp:
     """An ASGI 3 app in hypercorn's calling convention (what ``wrap_app`` builds).
 
-    Given the ``connection`` it serves, every HTTP scope also carries its ``abort`` and
-    ``cancel_on_disconnect`` under ``ABORT_EXTENSION`` and ``DISCONNECT_EXTENSION``.
+    Given the ``connection`` it serves, every HTTP scope also carries its ``abort`` under
+    ``ABORT_EXTENSION``, and an HTTP/1.x one its ``cancel_on_disconnect`` under
+    ``DISCONNECT_EXTENSION``.
     """
 
     def __init__(self, app: ASGIFramework, connection: _Connection | None = None) -> None:
@@ -494,12 +495,17 @@ class _HypercornApp:
     ) -> Awaitable[None]:
         # Not a coroutine function: it returns the app's own coroutine for hypercorn to
         # await, so a request in flight holds no frame of this one (about 0.25 KiB).
-        if scope["type"] == "http":
-            scope["extensions"].update(self.extensions)
-            if self.connection is not None and scope["http_version"] in ("1.0", "1.1"):
+        if scope["type"] == "http" and self.connection is not None:
+            if scope["http_version"] in ("1.0", "1.1"):
+                scope["extensions"].update(self.extensions)
                 # Over HTTP/2 hypercorn's send task writes frames as flow control
                 # allows: a held frame could wait for a window only its delivery opens.
                 send = partial(self.connection.send_message, send)
+            else:
+                # HTTP/2 serves requests side by side on a connection, which has one
+                # scope to cancel, and one of them can end alone (RST_STREAM): each is
+                # told through ``http.disconnect``, which hypercorn sends for both.
+                scope["extensions"][ABORT_EXTENSION] = self.connection.abort
         return self.app(scope, receive, send)
 
 

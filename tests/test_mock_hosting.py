@@ -25,6 +25,7 @@ import trio.testing
 from quart_trio import QuartTrio
 
 from mock_server import create_app
+from orchestrator.asgi import until_disconnect
 from orchestrator.http1 import Http1Protocol
 from orchestrator.hosting import (
     ACCEPT_BATCH,
@@ -517,6 +518,46 @@ async def test_http2_responses_are_not_held(nursery):
             await stream.send_all(connection.data_to_send())
     assert body == b"x" * 100
     await stream.aclose()
+
+
+async def test_an_http2_request_that_ends_alone_or_with_its_connection_is_cancelled(nursery):
+    # One disconnect scope per connection, replaced by each request, left every
+    # HTTP/2 request but the last running when its client went (RST_STREAM, or the
+    # whole connection) until it ended by itself.
+    started, cancelled = [], []
+
+    async def answer(cancel_scope: trio.CancelScope, number: int) -> None:
+        with cancel_scope:
+            started.append(number)
+            await trio.sleep_forever()
+        cancelled.append(number)
+
+    async def waits_forever(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await pieces_app()(scope, receive, send)
+            return
+        number = int(scope["path"].strip("/"))
+        await until_disconnect(scope, receive, partial(answer, number=number))
+
+    [url] = await nursery.start(partial(serve, waits_forever))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for stream_id in (1, 3, 5):
+        client.send_headers(stream_id, [(":method", "GET"), (":path", f"/{stream_id}"), (":scheme", "http"),
+                                        (":authority", "x")], end_stream=True)
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(client.data_to_send())
+    with trio.fail_after(5):
+        while len(started) < 3:
+            await trio.sleep(0.01)
+        client.reset_stream(3)
+        await stream.send_all(client.data_to_send())
+        while not cancelled:
+            await trio.sleep(0.01)
+        assert cancelled == [3]
+        await stream.aclose()
+        while len(cancelled) < 3:
+            await trio.sleep(0.01)
 
 
 async def _answer_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
