@@ -29,8 +29,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, NotFound
 
 from orchestrator import openapi
-from orchestrator.completions import CHAT_COMPLETIONS, ChatCompletions
-from orchestrator.errors import GatewayError, MethodNotAllowed
+from orchestrator.asgi import request_headers
+from orchestrator.completions import CHAT_COMPLETIONS, ChatCompletions, error_messages
+from orchestrator.errors import GatewayError, InvalidRequest, MethodNotAllowed
 from orchestrator.hosting import ShieldedHTTPConnection
 from orchestrator.keys import authenticate
 from orchestrator.service import Orchestrator, sane_request_id
@@ -52,6 +53,8 @@ class GatewayApp(QuartTrio):
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_COMPLETIONS:
             await self.chat_completions(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await _refuse_websocket(scope, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -139,6 +142,22 @@ def create_app(gw: Orchestrator) -> GatewayApp:
         return _error_response(GatewayError("The gateway hit an internal error; it has been logged."))
 
     return app
+
+
+async def _refuse_websocket(scope: Scope, send: ASGISendCallable) -> None:
+    """Answer a WebSocket handshake with a 400 in OpenAI's error shape (the server's
+    ``websocket.http.response`` extension), or a bare refusal without it.
+
+    quart would route it, and its errors need an HTTP request's context: a handshake
+    for any path was a 500 and a traceback in the log."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})  # policy violation
+        return
+    request_id = sane_request_id(request_headers(scope).get(b"x-request-id"))
+    error = InvalidRequest("This gateway does not serve WebSocket connections: "
+                           "send HTTP requests, such as POST /v1/chat/completions.")
+    for message in error_messages(error, request_id):
+        await send({**message, "type": f"websocket.{message['type']}"})
 
 
 def _authenticate(keys: list[bytes]) -> str:

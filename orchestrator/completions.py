@@ -51,7 +51,7 @@ from orchestrator.service import Orchestrator, sane_request_id
 from orchestrator.streaming import ChunkStream
 from orchestrator.validation import parse_body, parse_request_timeout
 
-__all__ = ["CHAT_COMPLETIONS", "ChatCompletions"]
+__all__ = ["CHAT_COMPLETIONS", "ChatCompletions", "error_messages"]
 
 logger = logging.getLogger("orchestrator.app")
 
@@ -104,12 +104,12 @@ class ChatCompletions:
 
             await until_disconnect(scope, receive, answer)
         except GatewayError as error:
-            for message in _error_messages(error, request_id):
+            for message in error_messages(error, request_id):
                 await send(message)
         except Exception as error:
             logger.error("unexpected error", exc_info=error, extra={"request_id": request_id})
             if not started:  # mid-stream, ending without the last chunk tells the client it broke
-                for message in _error_messages(_internal_error(), request_id):
+                for message in error_messages(_internal_error(), request_id):
                     await send(message)
 
     async def _read_request(
@@ -152,7 +152,7 @@ class ChatCompletions:
                 return await _relay(stream, send)
             completion = await self._gw.chat_completion(body, request_id=request_id, timeout=timeout, client=client)
         except GatewayError as error:
-            return _error_messages(error, request_id)
+            return error_messages(error, request_id)
         content = orjson.dumps(completion.body)
         attempts = sum(1 for attempt in completion.attempts if attempt.number is not None)
         headers = _stamp(request_id, completion.provider, attempts)
@@ -202,7 +202,9 @@ def _stamp(request_id: str, provider: str, attempts: int) -> dict[str, str]:
     return {"x-request-id": request_id, "x-orchestrator-provider": provider, "x-orchestrator-attempts": str(attempts)}
 
 
-def _error_messages(error: GatewayError, request_id: str) -> list[Message]:
+def error_messages(error: GatewayError, request_id: str) -> list[Message]:
+    """The ASGI messages of ``error``'s response: OpenAI's error shape, sized, with the
+    request id and the journey's headers."""
     if error.request_id is None:
         error.request_id = request_id
     content = orjson.dumps(error.as_json())

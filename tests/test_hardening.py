@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -177,6 +178,24 @@ async def test_an_oversized_request_head_is_refused(mock_server_url, nursery):
     await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\nx-junk: " + b"a" * 64 * 1024 + b"\r\n\r\n")
     answer = await read_until_closed(stream, within=3)
     assert answer == b"" or answer.startswith(b"HTTP/1.1 431") or answer.startswith(b"HTTP/1.1 400")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/health", "/nowhere"])
+async def test_a_websocket_handshake_gets_a_400_in_openais_shape(mock_server_url, nursery, caplog, path):
+    url = await start_gateway(nursery, demo_config(mock_server_url))
+    stream = await open_raw(url)
+    await stream.send_all(
+        f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n"
+        "x-request-id: ws-1\r\n\r\n".encode()
+    )
+    head, _, body = (await read_until_closed(stream, within=3)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"x-request-id: ws-1" in head
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "WebSocket" in error["message"]
+    assert error["request_id"] == "ws-1"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def test_a_client_that_never_finishes_its_head_is_closed(mock_server_url, nursery):
