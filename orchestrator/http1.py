@@ -20,7 +20,8 @@ response is framed directly:
 Requests are held to what h11 allowed: a head over ``h11_max_incomplete_size`` gets 431,
 a malformed one 400 (request smuggling shapes included: ``Content-Length`` with
 ``Transfer-Encoding``, two lengths), a method llhttp does not know or a transfer coding
-other than ``chunked`` 501; each then closes the connection. ``Expect: 100-continue``
+other than ``chunked`` 501, each with a body in OpenAI's error shape, and each then
+closes the connection. ``Expect: 100-continue``
 is answered at once. Pipelined requests wait, unread, until the response before them
 ends, and the socket is not read meanwhile.
 
@@ -34,6 +35,7 @@ upgrade is answered as a plain request (RFC 9110 lets a server ignore ``Upgrade`
 from __future__ import annotations
 
 import http
+import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,6 +68,16 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: What a refused request is told, in OpenAI's error shape like every error here.
+_REFUSALS = {
+    status: json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                  "code": None}}).encode()
+    for status, message in (
+        (400, "The request is not valid HTTP/1.1."),
+        (431, "The request's head is larger than this server accepts."),
+        (501, "The request's method or transfer coding is not one this server implements."),
+    )
+}
 #: Header names already checked to be tokens (apps send the same few over and over).
 _valid_names: set[bytes] = set()
 
@@ -383,8 +395,10 @@ class Http1Protocol:
         """Answer a request we cannot parse or serve, and close the connection."""
         self._parsed.clear()
         if self._framing is None:  # no response has begun on this cycle
-            await self.send(RawData(data=_head(status, [(b"content-length", b"0"), (b"connection", b"close")],
-                                               self.config)))
+            body = _REFUSALS[status]
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                       (b"connection", b"close")]
+            await self.send(RawData(data=_head(status, headers, self.config) + body))
         self._closed = True
         self._end_cycle()
         await self.send(Closed())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 from functools import partial
 from typing import Any
 
@@ -321,9 +322,11 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(echo):
 async def test_a_request_that_cannot_be_served_is_refused_and_the_connection_closed(echo, raw_request, status):
     url, app = await echo()
     data = await exchange(url, raw_request)  # returns once the server has closed
-    [(status_line, headers, _)] = split_responses(data)
+    [(status_line, headers, body)] = split_responses(data)
     assert status_line.startswith(b"HTTP/1.1 %d " % status)
     assert headers[b"connection"] == [b"close"]
+    assert headers[b"content-type"] == [b"application/json"]
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
     assert app.log == []
 
 
