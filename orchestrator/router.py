@@ -118,7 +118,10 @@ class _Round:
         self.unavailable: list[float | None] = []
         self.failures: list[Failed] = []
         self.too_long: Failed | None = None
-        self.deadline_gave_up = False
+        #: The wait before a retry that would have passed the deadline, when one did.
+        self.wait_past_deadline: float | None = None
+        #: ... and whether the provider asked for it (``Retry-After``).
+        self.wait_asked = False
 
 
 class Router:
@@ -243,7 +246,8 @@ class Router:
                     retries, policy, self._rng
                 )
                 if wait >= journey.remaining():
-                    tally.deadline_gave_up = True
+                    tally.wait_past_deadline = wait
+                    tally.wait_asked = outcome.retry_after is not None
                     event(INFO, request_id, "backoff_skipped",
                           f"backoff: a {wait:.2f}s wait would pass the deadline ({journey.remaining():.2f}s left)",
                           wait_seconds=round(wait, 3))
@@ -337,7 +341,7 @@ class Router:
     @staticmethod
     def _rate_limit_wait(tally: _Round, journey: Journey) -> float | None:
         """The wait before another round, when only rate limits stood in the way."""
-        if not tally.rate_limited or tally.failures or tally.too_long is not None or tally.deadline_gave_up:
+        if not tally.rate_limited or tally.failures or tally.too_long is not None:
             return None
         wait = max(min(tally.rate_limited), MIN_RATE_LIMIT_WAIT)
         return wait if wait < journey.remaining() else None
@@ -345,8 +349,8 @@ class Router:
     def _final_error(self, tally: _Round, journey: Journey) -> GatewayError:
         attempts = tuple(journey.attempts)
         request_id = journey.request_id
-        if tally.deadline_gave_up:
-            return self._deadline_error(journey)
+        if tally.wait_past_deadline is not None:
+            return self._deadline_error(journey, tally)
         if not tally.failures and tally.too_long is not None:
             failed = tally.too_long
             return UpstreamClientError(
@@ -378,13 +382,25 @@ class Router:
         )
 
     @staticmethod
-    def _deadline_error(journey: Journey) -> DeadlineExceeded:
+    def _deadline_error(journey: Journey, tally: _Round | None = None) -> DeadlineExceeded:
+        """The deadline ran out, or (``tally`` given) left too little for a retry's wait.
+
+        A provider's own ``Retry-After`` that did not fit is passed on: the client learns
+        when it may be worth asking again."""
         budget = journey.deadline - journey.started
-        return DeadlineExceeded(
-            f"The request's deadline of {budget:g}s was spent after {journey.network_attempts} attempts.",
-            attempts=tuple(journey.attempts),
-            request_id=journey.request_id,
-        )
+        count = journey.network_attempts
+        attempts = f"{count} attempt{'' if count == 1 else 's'}"
+        retry_after = None
+        if tally is None or tally.wait_past_deadline is None:
+            message = f"The request's deadline of {budget:g}s was spent after {attempts}."
+        else:
+            wait = tally.wait_past_deadline
+            message = (f"The request's deadline of {budget:g}s had {max(journey.remaining(), 0):.2f}s left after"
+                       f" {attempts}: too little for the {wait:.2f}s wait before another"
+                       + (" that the provider asked for." if tally.wait_asked else "."))
+            retry_after = math.ceil(wait) if tally.wait_asked else None
+        return DeadlineExceeded(message, attempts=tuple(journey.attempts), retry_after=retry_after,
+                                request_id=journey.request_id)
 
 
 def describe_failure(failed: Failed) -> str:

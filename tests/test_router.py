@@ -149,9 +149,23 @@ async def test_a_wait_that_does_not_fit_is_never_started(autojump_clock, upstrea
     config = two_provider_config(routes=[{"match": "gpt-*", "deployments": [{"provider": "backup"}]}])
     async with open_orchestrator(config, transport=upstream.transport) as gw:
         start = trio.current_time()
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(DeadlineExceeded) as caught:
             await gw.chat_completion(REQUEST, timeout=1.5)
         assert trio.current_time() == pytest.approx(start)  # did not sleep 2 s into a 1.5 s budget
+    # Not "spent": it says what was left and why that was not enough.
+    assert caught.value.message.startswith("The request's deadline of 1.5s had 1.50s left after 1 attempt: "
+                                           "too little for the 2.")
+    assert caught.value.retry_after is None  # the wait was the gateway's backoff
+
+
+async def test_a_providers_retry_after_that_does_not_fit_is_passed_on(autojump_clock, upstream):
+    upstream.script("backup", error(503, retry_after="100"))
+    config = two_provider_config(routes=[{"match": "gpt-*", "deployments": [{"provider": "backup"}]}])
+    async with open_orchestrator(config, transport=upstream.transport) as gw:
+        with pytest.raises(DeadlineExceeded) as caught:
+            await gw.chat_completion(REQUEST, timeout=60)
+    assert "too little for the 100.00s wait before another that the provider asked for" in caught.value.message
+    assert caught.value.response_headers()["retry-after"] == "100"
 
 
 async def test_a_deadline_cut_is_not_held_against_the_provider(autojump_clock, upstream):
