@@ -79,6 +79,7 @@ from providers.adapter import (
 from providers.breaker import Admission, Breaker, CircuitState, Verdict, describe_transition
 from providers.classify import classify_exception, classify_response, parse_retry_after
 from providers.pool import KEEPALIVE_EXPIRY, ClientPool, body_pieces
+from providers.redact import Redactor
 from providers.sse import ServerSentEvent, SSEDecoder
 
 __all__ = ["ActorHandle", "ActorStopped", "ProviderActor", "make_adapter"]
@@ -209,6 +210,8 @@ class ProviderActor:
         self.config = config
         self._adapter = adapter if adapter is not None else make_adapter(config)
         self._transport = transport
+        #: Masks this provider's key in every text taken from its answers (see redact.py).
+        self._redact = Redactor.for_key(config.api_key)
         self._breaker = Breaker(config.breaker)
         self._rate_limited_until: float | None = None
         self._totals: Counter[str] = Counter()
@@ -457,17 +460,21 @@ class ProviderActor:
         if 200 <= status < 300:
             try:
                 return Completed(self._adapter.completion(payload, body), elapsed)
-            except MalformedResponse as error:
-                return Failed(ErrorClass.MALFORMED, str(error), elapsed, status=status)
+            except MalformedResponse as error:  # its text can quote the answer
+                return Failed(ErrorClass.MALFORMED, self._redact.text(str(error)), elapsed, status=status)
             except Exception:  # an answer our adapter chokes on is a malformed answer
                 logger.exception("%s sent an answer the adapter could not read", self.config.name)
                 return Failed(ErrorClass.MALFORMED, "an answer the gateway could not read", elapsed, status=status)
         return self._failure(status, headers, payload, elapsed)
 
     def _failure(self, status: int, headers: httpx.Headers, payload: bytes, elapsed: float) -> Failed:
-        error = self._adapter.error(status, payload)
+        reported = self._adapter.error(status, payload)
+        # Classified on the provider's own words (a mask could hide a phrase the
+        # classification looks for); everything kept from them is masked.
+        error_class = classify_response(status, code=reported.code, message=reported.message)
+        error = self._redact.error(reported)
         return Failed(
-            classify_response(status, code=error.code, message=error.message),
+            error_class,
             error.message,
             elapsed,
             status=status,
@@ -504,7 +511,7 @@ class ProviderActor:
         try:
             if response.status_code != 200:
                 return _reply(call, await self._stream_failure(response, started, deadline, own))
-            reader = _StreamReader(response, self._adapter.stream_decoder(call.body))
+            reader = _StreamReader(response, self._adapter.stream_decoder(call.body), self._redact)
             verdict = await self._commit(call, reader, slot, started)
             if verdict == _SUCCESS:
                 # The answer is complete and the attempt settled (by the tail: its
@@ -713,12 +720,16 @@ class _StreamReader:
     it decodes to (what a gateway with hundreds of streams in flight holds). Both
     queues are kept in reverse, so that taking the next one is a ``pop()``; they only
     ever fill up when empty.
+
+    ``redact`` masks the provider's key in the text of an event that breaks the
+    stream: an error event's message reaches the client and the log.
     """
 
-    def __init__(self, response: httpx.Response, decoder: StreamDecoder) -> None:
+    def __init__(self, response: httpx.Response, decoder: StreamDecoder, redact: Redactor) -> None:
         self._bytes = body_pieces(response)
         self._sse = SSEDecoder()
         self._decoder = decoder
+        self._redact = redact
         self._events: list[ServerSentEvent] = []
         self._ready: list[dict[str, Any]] = []
         self._ended = False
@@ -779,12 +790,14 @@ class _StreamReader:
         try:
             self._ready = self._decoder.feed(sse_event)[::-1]
             return
-        except MalformedStream as error:
-            broken = StreamBroken(ErrorClass.MALFORMED, f"malformed stream from the provider: {error}")
+        except MalformedStream as error:  # its text can quote the event
+            broken = StreamBroken(ErrorClass.MALFORMED,
+                                  f"malformed stream from the provider: {self._redact.text(str(error))}")
         except ProviderStreamError as error:
             reported = error.error
             error_class = classify_response(reported.status or 500, code=reported.code, message=reported.message)
-            broken = StreamBroken(error_class, f"the provider reported an error mid-stream: {error}")
+            broken = StreamBroken(error_class,
+                                  f"the provider reported an error mid-stream: {self._redact.text(reported.message)}")
         except Exception:  # a chunk our decoder chokes on is a malformed chunk
             logger.exception("a stream chunk the adapter could not read")
             broken = StreamBroken(ErrorClass.MALFORMED, "a stream chunk the gateway could not read")

@@ -7,6 +7,7 @@ import logging
 
 import attrs
 import httpx
+import orjson
 import pytest
 
 from gateway_fixtures import SEED_BODY, demo_config, start_gateway
@@ -164,3 +165,95 @@ async def test_each_key_goes_only_to_its_own_provider(nursery):
     [to_b] = received["b.example"]
     assert to_a["authorization"] == f"Bearer {OPENAI_KEY}" and ANTHROPIC_KEY not in repr(to_a)
     assert to_b["x-api-key"] == ANTHROPIC_KEY and OPENAI_KEY not in repr(to_b)
+
+
+# --- A provider that echoes its key back ---------------------------------------------
+#
+# Upstreams quote the key they were sent when they reject it; the gateway masks its
+# provider's key in everything it takes from an answer (providers/redact.py).
+
+ECHOED_KEY = "sk-SECRET-CX-KEY-999"
+STREAM_BODY = b'{"model":"gpt-4","stream":true,"messages":[{"role":"user","content":"x"}]}'
+
+
+def echoing_config(kind: str) -> Config:
+    """One provider of ``kind`` at upstream.example, holding ECHOED_KEY: the OpenAI one
+    configured with ``api_key``, the Anthropic one through ``api_key_env``."""
+    if kind == "openai":
+        provider = {"kind": "openai", "base_url": "http://upstream.example/v1", "api_key": ECHOED_KEY}
+    else:
+        provider = {"kind": "anthropic", "base_url": "http://upstream.example", "api_key_env": "ECHOED_KEY"}
+    return Config.from_mapping({
+        "retry": {"max_attempts": 1},
+        "providers": {"upstream": provider},
+        "routes": [{"match": "*", "deployments": [{"provider": "upstream", "model": "m"}]}],
+    }, environ={"ECHOED_KEY": ECHOED_KEY})
+
+
+def error_body(kind: str, error_type: str, message: str) -> dict:
+    """An error in ``kind``'s wire format; OpenAI's quotes the header in ``param`` too."""
+    if kind == "openai":
+        return {"error": {"message": message, "type": error_type, "code": error_type,
+                          "param": f"Authorization: Bearer {ECHOED_KEY}"}}
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def stream_events(kind: str, *, content_first: bool) -> bytes:
+    """An event stream that reports an error quoting the key, after one piece of content
+    (the stream is committed: the client sees an interruption) or before any."""
+    error = error_body(kind, "overloaded_error", f"Overloaded while serving key {ECHOED_KEY}")
+    if kind == "openai":
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}
+        events = [chunk] if content_first else []
+    else:
+        start = {"type": "message_start", "message": {"id": "msg", "model": "m", "usage": {"input_tokens": 1}}}
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "Hel"}}
+        events = [start, block] if content_first else [start]
+    return b"".join(b"data: " + orjson.dumps(item) + b"\n\n" for item in [*events, error])
+
+
+async def echoed(nursery, caplog, kind: str, body: bytes, status: int, **answer) -> tuple[httpx.Response, str]:
+    """Send ``body`` through a gateway whose provider answers ``status`` and ``answer``
+    (``httpx.Response``'s arguments); the gateway's
+    response, and every log record it wrote, formatted as the gateway's text and JSON
+    logs are (JSON adds the records' fields, which ``caplog.text`` leaves out)."""
+    caplog.set_level(logging.DEBUG)
+    upstream = httpx.MockTransport(lambda _: httpx.Response(status, **answer))
+    gateway = await start_gateway(nursery, echoing_config(kind), transport=upstream)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{gateway}/v1/chat/completions", content=body)
+    logs = "".join(TextFormatter().format(record) + JsonFormatter().format(record) for record in caplog.records)
+    return response, logs
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize(("status", "error_type", "message", "answered"), [
+    (401, "authentication_error", f"Incorrect API key provided: {ECHOED_KEY}", 502),
+    (400, "invalid_request_error", f"Malformed header 'Authorization: Bearer {ECHOED_KEY}'", 400),
+], ids=["401-echoed", "400-quoted"])
+async def test_a_key_echoed_in_an_error_reaches_neither_the_client_nor_the_log(
+    nursery, caplog, kind, status, error_type, message, answered
+):
+    response, logs = await echoed(nursery, caplog, kind, SEED_BODY, status, json=error_body(kind, error_type, message))
+    assert response.status_code == answered
+    assert ECHOED_KEY not in response.text
+    assert ECHOED_KEY not in logs
+    # The error is still the provider's, with only the key masked.
+    assert message.replace(ECHOED_KEY, "[redacted]") in response.json()["error"]["message"]
+    if status == 401:
+        assert "provider_misconfigured" in logs and "Incorrect API key provided: [redacted]" in logs
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("content_first", [True, False], ids=["interrupted", "before-content"])
+async def test_a_key_echoed_in_a_stream_error_reaches_neither_the_client_nor_the_log(
+    nursery, caplog, kind, content_first
+):
+    events = stream_events(kind, content_first=content_first)
+    response, logs = await echoed(nursery, caplog, kind, STREAM_BODY, 200, content=events,
+                                  headers={"content-type": "text/event-stream"})
+    assert response.status_code == (200 if content_first else 502)
+    assert ECHOED_KEY not in response.text
+    assert ECHOED_KEY not in logs
+    assert "Overloaded while serving key [redacted]" in response.text
