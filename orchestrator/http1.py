@@ -19,7 +19,8 @@ response is framed directly:
 
 Requests are held to what h11 allowed: a head over ``h11_max_incomplete_size`` gets 431,
 a malformed one 400 (request smuggling shapes included: ``Content-Length`` with
-``Transfer-Encoding``, two lengths), a method llhttp does not know or a transfer coding
+``Transfer-Encoding``, two lengths; an HTTP/1.1 request without ``Host``), a request
+line of another version 505, a method llhttp does not know or a transfer coding
 other than ``chunked`` 501, each with a body in OpenAI's error shape, and each then
 closes the connection. ``Expect: 100-continue``
 is answered at once. Pipelined requests wait, unread, until the response before them
@@ -76,6 +77,7 @@ _REFUSALS = {
         (400, "The request is not valid HTTP/1.1."),
         (431, "The request's head is larger than this server accepts."),
         (501, "The request's method or transfer coding is not one this server implements."),
+        (505, "This server speaks HTTP/1.0 and HTTP/1.1 (and HTTP/2 after an upgrade or its preface)."),
     )
 }
 #: Header names already checked to be tokens (apps send the same few over and over).
@@ -352,12 +354,20 @@ class Http1Protocol:
         self._method = head.method
         self._version = head.version
         self._keep_alive = head.keep_alive
+        if head.version not in ("1.0", "1.1"):  # llhttp also reads 0.9 (no version) and 2.0 lines
+            await self._refuse(505)
+            return
         expects_continue = False
+        has_host = False
         for name, value in head.headers:
             if name == b"transfer-encoding" and value.lower() != b"chunked":
                 await self._refuse(501)  # llhttp would pass the body on still coded
                 return
             expects_continue = expects_continue or (name == b"expect" and value.lower() == b"100-continue")
+            has_host = has_host or name == b"host"
+        if not has_host and head.version == "1.1":
+            await self._refuse(400)  # RFC 9112 3.2: an HTTP/1.1 request without Host must get a 400
+            return
         await self.send(Updated(idle=False))
         stream = self.stream = HTTPStream(
             self.app,
