@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "enabled", "event", "journey", "NO_REQUEST"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "enabled", "event", "journey", "printable", "NO_REQUEST"]
 
 journey = logging.getLogger("orchestrator.journey")
 NO_REQUEST = "-"
@@ -49,13 +49,30 @@ def enabled(level: int, logger: logging.Logger = journey) -> bool:
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record (a traceback, when there is one, follows it).
+
+    Messages carry client input (model names, provider error messages): control and
+    other non-printable characters in them are written escaped (``\\n``, ``\\x1b``,
+    ``\\u202e``), so that no client can forge a line or hide one.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(record.created))
         request_id = getattr(record, "request_id", NO_REQUEST)
-        line = f"{clock}.{int(record.msecs):03d} {record.levelname:<5} [{request_id}] {record.getMessage()}"
+        line = f"{clock}.{int(record.msecs):03d} {record.levelname:<5} [{request_id}] {printable(record.getMessage())}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def printable(text: str) -> str:
+    """``text`` with its non-printable characters escaped as Python would write them.
+
+    Costs one scan in C when there are none, as in nearly every message.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 class JsonFormatter(logging.Formatter):

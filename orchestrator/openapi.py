@@ -20,7 +20,7 @@ import fnmatch
 from typing import Any
 
 from orchestrator.config import Config, Route
-from orchestrator.validation import MAX_STOP_SEQUENCES, ROLES, STEERING_FIELDS, USER_PART_TYPES
+from orchestrator.validation import MAX_STOP_SEQUENCES, MODEL_FORBIDDEN, ROLES, STEERING_FIELDS, USER_PART_TYPES
 
 __all__ = ["document"]
 
@@ -447,6 +447,8 @@ def _model(config: Config) -> Schema:
         "type": "string",
         "maxLength": MAX_MODEL_LENGTH,
         "description": f"A model some route matches ({routes}); exact routes win over globs. See `GET /v1/models`.",
+        # A glob route matches control characters too; the validator refuses them.
+        "not": {"pattern": MODEL_FORBIDDEN},
     }
     names = [route.match for route in config.routes]
     if not any(_is_glob(name) for name in names) and all(map(_usable_model_name, names)):

@@ -7,12 +7,14 @@ checks it against OpenAI's chat-completions rules, raising
 
 Fields that would steer the upstream (``api_base``, ``base_url``, ``api_key`` and
 friends) are refused wherever they appear in the body: the gateway alone decides
-where a request goes and with which key.
+where a request goes and with which key. So is nesting deeper than
+:data:`MAX_NESTING`, which the adapters could not write upstream.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +31,22 @@ STEERING_FIELDS = frozenset(
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 USER_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file"})
 MAX_STOP_SEQUENCES = 4
+#: Deepest nesting of objects and arrays a body may have, the body itself being level 1.
+#: orjson reads up to 1024 levels but writes only 254 ("Recursion limit reached"), and
+#: it writes the upstream body: a body in between would pass here and fail in the
+#: adapter, after the request was accepted. The margin covers the levels an adapter
+#: wraps around the client's values (Anthropic's content blocks); no real request,
+#: JSON schemas included, comes near it.
+MAX_NESTING = 128
+#: A body too deep is blamed on its field at most this many levels down, the body
+#: being level 1: ``tools[0].function.parameters``, not a path 128 keys long.
+FIELD_LEVELS = 5
+#: Characters a model name may not hold, as a regex class that Python and ECMA (the
+#: OpenAPI document's) read alike. The name is logged on every line of a journey:
+#: these would forge a line (C0 controls, CR and LF among them, DEL, C1 controls, NEL
+#: among them, the line and paragraph separators) or disguise one (bidi controls).
+MODEL_FORBIDDEN = r"[\u0000-\u001f\u007f-\u009f\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+_MODEL_FORBIDDEN = re.compile(MODEL_FORBIDDEN)
 
 
 @attrs.frozen
@@ -75,7 +93,7 @@ def parse_request_timeout(value: str | None) -> float | None:
 
 def validate_chat_request(body: Mapping[str, Any]) -> ChatRequest:
     """Check ``body`` and return the :class:`ChatRequest` to route."""
-    _refuse_steering(body)
+    _check_structure(body)
     forwarded: dict[str, Any] = {}
     for name, value in body.items():
         check = _FIELDS.get(name)
@@ -164,6 +182,11 @@ def _model(name: str, value: Any) -> None:
         raise InvalidRequest(f"model must be a non-empty string, got {_describe(value)}.", param="model")
     if len(value) > 256:
         raise InvalidRequest("model must be at most 256 characters.", param="model")
+    if _MODEL_FORBIDDEN.search(value):
+        raise InvalidRequest(
+            "model must not contain control characters (line breaks, NUL, ...) or bidi controls.",
+            param="model",
+        )
 
 
 def _stop(name: str, value: Any) -> None:
@@ -344,11 +367,24 @@ _FIELDS: Mapping[str, Callable[[str, Any], None]] = {
 _REQUIRED = ("model", "messages")
 
 
-def _refuse_steering(body: Mapping[str, Any]) -> None:
-    """Refuse upstream-steering keys at any depth (iteratively: bodies can nest deeply)."""
-    pending: list[tuple[str, Any]] = [("", body)]
+def _check_structure(body: Mapping[str, Any]) -> None:
+    """Refuse upstream-steering keys at any depth, and nesting past :data:`MAX_NESTING`.
+
+    One iterative walk does both (bodies can nest deeply): it is the only walk over
+    the whole body, free-form fields (tool parameters, metadata, unknown keys of a
+    message) included, so the depth bound costs a counter, not a second walk.
+    """
+    pending: list[tuple[str, Any, int, str]] = [("", body, 1, "")]
     while pending:
-        where, value = pending.pop()
+        where, value, level, field = pending.pop()
+        if level <= FIELD_LEVELS:
+            field = where
+        elif level > MAX_NESTING:
+            raise InvalidRequest(
+                f"{field} nests objects and arrays more than {MAX_NESTING} levels deep:"
+                " the gateway cannot forward it.",
+                param=field,
+            )
         if isinstance(value, dict):
             for key, item in value.items():
                 path = f"{where}.{key}" if where else str(key)
@@ -357,11 +393,11 @@ def _refuse_steering(body: Mapping[str, Any]) -> None:
                         f"{path} is not allowed: the gateway chooses the provider and its credentials.", param=path
                     )
                 if isinstance(item, dict | list):
-                    pending.append((path, item))
+                    pending.append((path, item, level + 1, field))
         else:
             for index, item in enumerate(value):
                 if isinstance(item, dict | list):
-                    pending.append((f"{where}[{index}]", item))
+                    pending.append((f"{where}[{index}]", item, level + 1, field))
 
 
 def _describe(value: Any) -> str:

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import InvalidRequest
-from orchestrator.validation import parse_body, parse_request_timeout, validate_chat_request
+import orjson
+
+from orchestrator.validation import MAX_NESTING, parse_body, parse_request_timeout, validate_chat_request
 
 USER = [{"role": "user", "content": "test"}]
 
@@ -201,6 +203,47 @@ def test_deeply_nested_bodies_do_not_recurse():
     node["api_key"] = "k"
     with pytest.raises(InvalidRequest):
         validate_chat_request({"model": "gpt-4", "messages": USER, "metadata": deep})
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\u202e"])
+def test_model_names_with_control_characters_are_refused(char):
+    # They would forge or hide log lines: the model name is logged on every line of a journey.
+    error = refused({"model": f"gpt-4{char}19:00:00.000 INFO  [req_x] forged", "messages": USER}, "model")
+    assert "control" in error.message
+
+
+def nested(levels: int, inner: dict | None = None) -> dict:
+    """An object nested ``levels`` deep, itself included, around ``inner``."""
+    value: dict = inner if inner is not None else {}
+    for _ in range(levels - 1):
+        value = {"x": value}
+    return value
+
+
+def test_nesting_is_bounded_below_what_the_adapters_can_write():
+    # tools[0].function.parameters is level 5 of the body: at the limit passes, one more fails.
+    def tools(parameters: dict) -> dict:
+        return {"model": "gpt-4", "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]}
+
+    deepest = nested(MAX_NESTING - 4)
+    passed = validate_chat_request(tools(deepest))
+    error = refused(tools({"x": deepest}), "tools[0].function.parameters")
+    assert str(MAX_NESTING) in error.message
+    # What passes can be written upstream, with room for what an adapter wraps around it.
+    orjson.dumps(nested(64, passed.body))
+
+
+@pytest.mark.parametrize(
+    "field, value, param",
+    [
+        ("metadata", nested(300), "metadata.x.x.x"),
+        ("messages", [{"role": "user", "content": "x", "extra": [nested(300)]}], "messages[0].extra[0]"),
+        ("response_format", {"type": "json_schema", "json_schema": {"schema": nested(300)}}, "response_format.json_schema.schema.x"),
+    ],
+)
+def test_a_body_too_deep_is_blamed_on_its_field(field, value, param):
+    refused({"model": "gpt-4", "messages": USER, field: value}, param)
 
 
 def test_assistant_messages_with_tool_calls_may_have_null_content():
