@@ -97,7 +97,8 @@ class Orchestrator:
         ``timeout`` lowers the configured deadline for this request; ``client`` is a
         short id of the caller for the logs (never a key). Blocks for the
         whole journey (attempts, backoff waits, failovers), never past the deadline.
-        Raises :class:`~orchestrator.errors.GatewayError` subclasses.
+        Raises :class:`~orchestrator.errors.GatewayError` subclasses. Cancelling it
+        cancels the upstream call and logs the journey's last line.
         """
         journey = self._start(request_id, timeout, client)
         try:
@@ -109,6 +110,9 @@ class Orchestrator:
                 self._in_flight -= 1
         except GatewayError as error:
             self._log_failure(journey, error)
+            raise
+        except trio.Cancelled as cancelled:
+            _log_cancelled(journey, "request", cancelled)
             raise
         body = opened.outcome.completion  # type: ignore[union-attr]
         self._log_success(journey, 200)
@@ -142,6 +146,9 @@ class Orchestrator:
                     self._in_flight -= 1
         except GatewayError as error:
             self._log_failure(journey, error)
+            raise
+        except trio.Cancelled as cancelled:
+            _log_cancelled(journey, "request", cancelled)
             raise
         stream = None
         try:
@@ -279,6 +286,26 @@ class Orchestrator:
               elapsed_ms=round(elapsed * 1000, 1))
 
 
+#: Why a journey was cancelled when trio does not say: the service cannot tell the
+#: client's leaving (its HTTP handler's scope) from the gateway stopping (a nursery's).
+_CANCELLED = "the client left or the gateway is stopping"
+
+
+def _log_cancelled(journey: Journey, what: str, cancelled: trio.Cancelled | None = None) -> None:
+    """Log a cancelled journey's last line: without it, the log of a request the
+    client gave up on would end at "request accepted". ``what`` is what was
+    cancelled ("request", or the stream's state)."""
+    if not enabled(INFO):
+        return
+    elapsed = trio.current_time() - journey.started
+    attempts = journey.network_attempts
+    # trio 0.31+ tells why a scope was cancelled, when the canceller said.
+    why = getattr(cancelled, "reason", None) or _CANCELLED
+    event(INFO, journey.request_id, "cancelled",
+          f"{what} cancelled after {elapsed:.3f}s and {attempts} attempt{'s' if attempts != 1 else ''}: {why}",
+          provider=journey.provider, attempts=attempts, elapsed_ms=round(elapsed * 1000, 1), reason=why)
+
+
 class _CountedChunkStream(ChunkStream):
     """A ChunkStream that holds one of the gateway's in-flight slots until closed."""
 
@@ -287,6 +314,10 @@ class _CountedChunkStream(ChunkStream):
         self._owner: Orchestrator | None = owner
 
     def close(self) -> None:
+        if self._owner is not None and not self._done:
+            # Closed before its end or its break (which log their own last lines): the
+            # reader left mid-stream.
+            _log_cancelled(self._journey, f"stream from {self.provider} after {self._content_chunks} chunks")
         super().close()
         if self._owner is not None:
             self._owner._in_flight -= 1

@@ -7,6 +7,7 @@ without the hosting extension, and exactly which messages go out.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -132,10 +133,11 @@ async def test_a_stream_with_usage_ends_with_the_usage_chunk_before_done(autojum
 @pytest.mark.parametrize("served_by_hosting", [True, False], ids=["extension", "watcher task"])
 @pytest.mark.parametrize(("body", "leave_at"), [(BODY, 2), (STREAM_BODY, 7)], ids=["json", "stream"])
 async def test_a_client_leaving_cancels_the_upstream_call_at_once(
-    autojump_clock, gw, mock_state, served_by_hosting, body, leave_at
+    autojump_clock, gw, mock_state, served_by_hosting, body, leave_at, caplog
 ):
+    caplog.set_level(logging.INFO, "orchestrator")
     mock_state.configure(FaultProfile(latency_ms=5000, chunk_delay_ms=1000))
-    exchange = Exchange(body)
+    exchange = Exchange(body, headers={"x-request-id": "leaver-1"})
     if served_by_hosting:
         on_disconnect: list[trio.CancelScope] = []
         exchange.scope["extensions"][DISCONNECT_EXTENSION] = on_disconnect.append
@@ -157,6 +159,36 @@ async def test_a_client_leaving_cancels_the_upstream_call_at_once(
     assert mock_state["openai"].stats.disconnects == 1
     assert (await gw.health())["in_flight"] == 0
     assert not exchange.sent or exchange.sent[-1].get("more_body")  # no ending was sent
+    # The journey's log still ends with a line saying how: upstream, or mid-stream.
+    journey = [record for record in caplog.records if getattr(record, "request_id", None) == "leaver-1"]
+    assert journey[-1].event == "cancelled"
+    assert journey[-1].fields["elapsed_ms"] == leave_at * 1000
+    assert ("chunks" in journey[-1].getMessage()) == (body is STREAM_BODY)
+
+
+async def test_a_body_nested_deeper_than_the_adapters_can_write_is_400_before_any_call(autojump_clock, gw, mock_state):
+    # 400 levels of schema: orjson reads up to 1024 but writes only 254 (so this is built as text).
+    parameters = b'{"type":"object","properties":{"x":' * 200 + b"{}" + b"}}" * 200
+    body = (b'{"model":"gpt-4","messages":[{"role":"user","content":"hi"}],'
+            b'"tools":[{"type":"function","function":{"name":"f","parameters":' + parameters + b"}}]}")
+    exchange = Exchange(body)
+    await ChatCompletions(gw, [])(exchange.scope, exchange.receive, exchange.send)
+    assert exchange.status == 400
+    error = orjson.loads(exchange.content)["error"]
+    assert error["param"] == "tools[0].function.parameters"
+    assert error["type"] == "invalid_request_error"
+    assert mock_state["openai"].stats.requests == 0
+
+
+async def test_a_model_name_cannot_forge_log_lines(autojump_clock, gw, mock_state, caplog):
+    caplog.set_level(logging.INFO, "orchestrator")
+    body = orjson.dumps({"model": "gpt-4\n19:00:00.000 INFO  [req_fake] forged", "messages": [{"role": "user", "content": "hi"}]})
+    exchange = Exchange(body)
+    await ChatCompletions(gw, [])(exchange.scope, exchange.receive, exchange.send)
+    assert exchange.status == 400
+    assert orjson.loads(exchange.content)["error"]["param"] == "model"
+    assert mock_state["openai"].stats.requests == 0
+    assert "forged" not in caplog.text
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_408(autojump_clock, gw):
@@ -183,3 +215,14 @@ async def test_a_wrong_key_is_401_before_the_body_is_read(autojump_clock, gw, mo
     assert exchange.status == 401
     assert exchange.inbox  # the body was never read
     assert mock_state["openai"].stats.requests == 0
+
+
+async def test_a_caller_cancelling_during_a_backoff_ends_the_journey_with_a_line(autojump_clock, gw, mock_state, caplog):
+    caplog.set_level(logging.INFO, "orchestrator")
+    mock_state.configure(FaultProfile(server_error_probability=1.0))
+    with trio.move_on_after(1):  # the first attempt fails at once, and the backoff is 2 s
+        await gw.chat_completion(orjson.loads(BODY), request_id="waiter-1")
+    journey = [record for record in caplog.records if getattr(record, "request_id", None) == "waiter-1"]
+    assert [record.event for record in journey[-2:]] == ["backoff", "cancelled"]
+    assert journey[-1].fields["attempts"] == 1 and journey[-1].levelno == logging.INFO
+    assert "1 attempt:" in journey[-1].getMessage()
