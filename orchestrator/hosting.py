@@ -35,9 +35,10 @@ What it adds to ``hypercorn.trio.serve``:
   ``receive()`` for ``http.disconnect`` (a task costs its spawn, its wake-up and its
   exit, on every request). An HTTP/2 request is told by ``http.disconnect`` alone.
 - A client that takes no byte of its answer for ``send_timeout`` seconds (30) has its
-  connection reset and its request told it left, and a write waiting for a client can
-  be cancelled (hypercorn shields it: a client that never read held its request, and
-  a shutdown, for ever).
+  connection reset and its request told it left, and on HTTP/1.x a write waiting for
+  a client can be cancelled (hypercorn shields it: a client that never read held its
+  request, and a shutdown, for ever). That bounds writes to the socket; an HTTP/2
+  stream waiting for its flow-control window is hypercorn's, and not bounded.
 - HTTP/1.1 is parsed by llhttp and framed by :mod:`orchestrator.http1` instead of h11
   (HTTP/2 and upgrades are still hypercorn's own), and a write goes straight to the
   socket when no other is under way: together a fifth of a small request's CPU in the
@@ -68,6 +69,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -102,6 +104,8 @@ DISCONNECT_EXTENSION = "orchestrator.hosting.cancel_on_disconnect"
 #: Connections accepted per wake-up of ``accept_connections`` at most: enough for any
 #: burst, few enough that accepting never holds up the requests in flight for long.
 ACCEPT_BATCH = 256
+#: How long a client may take no byte of its answer before its connection is reset.
+SEND_TIMEOUT = 30.0
 #: How long the accept loop waits when the process is out of file descriptors or memory.
 ACCEPT_RETRY_SECONDS = 0.1
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -125,8 +129,8 @@ class ShieldedHTTPConnection(TrioASGIHTTPConnection):
     cancels the rest of the clean-up, half done. Idle keep-alive connections are then
     never closed, a connection stays open after an early 413, and a graceful shutdown
     waits the whole grace period for kept-alive clients. Shielding that one send lets
-    the clean-up finish. It only runs hypercorn's bookkeeping and a socket write that
-    hypercorn already shields, so it cannot hang where an unshielded send would not.
+    the clean-up finish. It only runs hypercorn's bookkeeping and a socket write, which
+    ends within ``send_timeout`` seconds however slow the client (``_Connection._write``).
     """
 
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
@@ -146,7 +150,7 @@ def hypercorn_config(
     port: int = 0,
     graceful_timeout: float = 3.0,
     keep_alive_timeout: float = 5.0,
-    send_timeout: float = 30.0,
+    send_timeout: float = SEND_TIMEOUT,
     max_header_bytes: int = 16 * 1024,
 ) -> Config:
     """A hypercorn ``Config`` for one plain-HTTP listener on ``host:port``.
@@ -182,7 +186,7 @@ class _Config(Config):
 
     _headers_second = -1
     _headers: dict[str, list[tuple[bytes, bytes]]]
-    send_timeout = 30.0  # see ``hypercorn_config``
+    send_timeout = SEND_TIMEOUT
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
         second = int(time.time())
@@ -233,7 +237,7 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     graceful_timeout: float = 3.0,
     keep_alive_timeout: float = 5.0,
-    send_timeout: float = 30.0,
+    send_timeout: float = SEND_TIMEOUT,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -505,14 +509,14 @@ class _HypercornApp:
                 # HTTP/2 serves requests side by side on a connection, which has one
                 # scope to cancel, and one of them can end alone (RST_STREAM): each is
                 # told through ``http.disconnect``, which hypercorn sends for both.
-                scope["extensions"][ABORT_EXTENSION] = self.connection.abort
+                scope["extensions"][ABORT_EXTENSION] = self.extensions[ABORT_EXTENSION]
         return self.app(scope, receive, send)
 
 
 class _Connection(TCPServer):
-    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` and
-    ``DISCONNECT_EXTENSION`` in HTTP scopes, and a read loop that ends when the
-    connection does.
+    """hypercorn's trio connection handler, with ``ABORT_EXTENSION`` in HTTP scopes (and
+    ``DISCONNECT_EXTENSION`` in HTTP/1.x ones), a read loop that ends when the connection
+    does, and writes bounded by ``send_timeout`` (see ``_write``).
 
     When a client sends its next request before the current one is answered (wrk does,
     any pipelining client does), the read loop waits inside the protocol for the
@@ -560,6 +564,7 @@ class _Connection(TCPServer):
         self._held = b""
         self._hold_next = False
         self._on_disconnect: trio.CancelScope | None = None
+        self._gone = False  # a write found the client gone, or gave up on it
         self._idle_deadline = math.inf
         self._socket = stream.socket  # plain TCP: ``serve`` has no TLS
 
@@ -707,9 +712,10 @@ class _Connection(TCPServer):
         chunked body's terminator, or an empty write), which hypercorn makes in the
         same call; what is still held when that call ends or fails goes then.
         """
-        # Raises once the client is gone (``_write``): hypercorn drops what is sent then
-        # without a checkpoint, and an app sending in a loop would never be told.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._gone:
+            # hypercorn drops what is sent to a closed stream without a checkpoint: an
+            # app sending in a loop would never be told that its client left.
+            await trio.lowlevel.checkpoint()
         kind = message["type"]
         last_piece = kind == "http.response.body" and not message.get("more_body", False) and bool(message.get("body"))
         if kind != "http.response.start" and not last_piece:
@@ -755,12 +761,13 @@ class _Connection(TCPServer):
         found gone is told to the protocol (``Closed``) instead of raised.
 
         What the socket does not take waits, behind the connection's send lock, for the
-        client to read. Unlike hypercorn's, that wait is not shielded, and it is bounded:
-        a client that takes no byte for ``send_timeout`` seconds is gone. hypercorn's
-        waited for as long as the client did not read, holding the request, its slot at
-        the gateway, and the process at shutdown. A wait that times out or is cancelled
-        resets the connection, as half a response can be followed by nothing else; the
-        read loop then tells the request that its client left.
+        client to read, and that wait is bounded: a client that takes no byte for
+        ``send_timeout`` seconds is gone, and its connection reset. hypercorn's waited,
+        shielded, for as long as the client did not read, holding the request, its slot
+        at the gateway, and the process at shutdown. On HTTP/1.x the wait can be
+        cancelled, which resets the connection too (half an answer can be followed by
+        nothing else); on HTTP/2 it stays shielded (see below). The request is then told
+        that its client left.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self.send_lock.locked():
@@ -769,14 +776,26 @@ class _Connection(TCPServer):
                 return
             data = b"" if sent is None else data[sent:]
         if data:
-            async with self.send_lock:
-                if await self._write_waiting(data):
-                    return
-        # The request learns now that its client left (the read loop would tell it when
-        # it next runs), and its next send raises (see ``send_message``).
+            try:
+                # HTTP/2 writes one connection's frames for many requests, and a frame
+                # dropped or cut (h2 has already counted it sent) breaks the connection
+                # for all: a request cancelled while its write waits lets it end
+                # (written, or timed out) first, as under hypercorn, but not for ever.
+                with trio.CancelScope(shield=isinstance(self.protocol.protocol, H2Protocol)):
+                    async with self.send_lock:
+                        if await self._write_waiting(data):
+                            return
+            except trio.Cancelled:  # half an HTTP/1.x answer can be followed by nothing
+                self._reset()
+                raise
+        self._gone = True
+        await self.protocol.handle(Closed())
+        # Then the request learns that its client left (the read loop would tell it
+        # when it next runs). Not before: the writer is as a rule the request itself,
+        # and cancelled, it would stop the protocol's clean-up halfway (a pipelined
+        # request waiting for this one's end would wait for ever).
         if self._on_disconnect is not None:
             self._on_disconnect.cancel()
-        await self.protocol.handle(Closed())
 
     def _write_now(self, data: bytes) -> int | None:
         """As much of ``data`` as the socket takes now: how many bytes, None if it is gone."""
@@ -791,8 +810,12 @@ class _Connection(TCPServer):
 
     async def _write_waiting(self, data: bytes) -> bool:
         """Write all of ``data``, waiting for the client to read: False if the client
-        went, or took nothing for ``send_timeout`` seconds (the connection is then reset,
-        as it is when the wait is cancelled, before ``Cancelled`` goes on)."""
+        went, or took nothing for ``send_timeout`` seconds (the connection is then reset).
+
+        Called with the send lock held, so nothing else writes meanwhile. Nothing yields
+        between ``_write``'s first try and taking the lock (whose checkpoint is
+        shielded), so a cancellation cannot fall between a part written and the rest.
+        """
         timeout = self.config.send_timeout
         deadline = trio.current_time() + timeout
         try:
@@ -813,9 +836,6 @@ class _Connection(TCPServer):
                     await trio.lowlevel.wait_writable(self._socket)
         except trio.ClosedResourceError:  # closed by us while waiting
             return False
-        except trio.Cancelled:
-            self._reset()
-            raise
 
     def _reset(self) -> None:
         """Close the connection with a reset (RST), now: the peer reads ECONNRESET."""

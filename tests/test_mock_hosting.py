@@ -323,17 +323,44 @@ async def test_a_client_that_reads_nothing_of_its_answer_is_reset_after_the_send
             pass
 
 
+@pytest.mark.parametrize("leaving", ["reads-nothing", "resets"])
+async def test_a_connection_whose_writes_find_the_client_gone_ends_with_a_request_pipelined_behind(leaving):
+    # The write that finds the client gone tells the protocol before it cancels the
+    # request that is writing: cancelled first, the protocol's clean-up stopped halfway
+    # and the pipelined request's wait for the cycle's end was never woken (the
+    # connection stayed, and a shutdown waited its whole grace period for it).
+    sending, left = trio.Event(), trio.Event()
+    shutdown = trio.Event()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            [url] = await nursery.start(partial(serve, endless_app(sending, left), send_timeout=0.3,
+                                                graceful_timeout=10, shutdown_trigger=shutdown.wait))
+            stream = await not_reading_client(url)
+            await stream.send_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")  # pipelined
+            await sending.wait()
+            if leaving == "resets":
+                await stream.receive_some(65536)
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await stream.aclose()
+            await left.wait()
+            shutdown.set()
+            started = trio.current_time()
+    assert trio.current_time() - started < 2  # not the 10 s grace period
+    await stream.aclose()
+
+
 async def test_a_write_waiting_for_a_client_that_reads_nothing_ends_with_the_grace_period():
     # A second signal (or the grace period's end) stopped nothing while a write waited.
     sending, left = trio.Event(), trio.Event()
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        [url] = await nursery.start(partial(serve, endless_app(sending, left), graceful_timeout=0.2,
-                                            send_timeout=60, shutdown_trigger=shutdown.wait))
-        stream = await not_reading_client(url)
-        await sending.wait()
-        shutdown.set()
-        started = trio.current_time()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            [url] = await nursery.start(partial(serve, endless_app(sending, left), graceful_timeout=0.2,
+                                                send_timeout=60, shutdown_trigger=shutdown.wait))
+            stream = await not_reading_client(url)
+            await sending.wait()
+            shutdown.set()
+            started = trio.current_time()
     assert trio.current_time() - started < 2  # not the 60 s send timeout
     await stream.aclose()
 
@@ -558,6 +585,64 @@ async def test_an_http2_request_that_ends_alone_or_with_its_connection_is_cancel
         await stream.aclose()
         while len(cancelled) < 3:
             await trio.sleep(0.01)
+
+
+async def test_an_http2_request_cancelled_while_its_write_waits_leaves_the_connection_to_the_others(nursery):
+    # HTTP/2 writes every request's frames to one socket: a write cut halfway would
+    # corrupt the framing for all, so the connection was reset. A request cancelled
+    # while its own write waits (its response's head behind another's data) lets the
+    # write end instead, and the other requests go on.
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await pieces_app()(scope, receive, send)
+            return
+
+        async def answer(cancel_scope: trio.CancelScope) -> None:
+            with cancel_scope:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                while scope["path"] == "/endless":
+                    await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+                await trio.sleep_forever()
+
+        await until_disconnect(scope, receive, answer)
+
+    [url] = await nursery.start(partial(serve, app, send_timeout=10))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    client.initiate_connection()
+    client.increment_flow_control_window(2**30)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(address(url))
+    stream = trio.SocketStream(sock)
+    request = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
+    client.send_headers(1, [*request, (":path", "/endless")], end_stream=True)
+    await stream.send_all(client.data_to_send())
+    await trio.sleep(0.3)  # the endless stream fills the socket: nothing more goes
+    client.send_headers(3, [*request, (":path", "/head-only")], end_stream=True)
+    await stream.send_all(client.data_to_send())
+    await trio.sleep(0.1)  # stream 3's head waits to be written behind stream 1's data
+    client.reset_stream(3)
+    await stream.send_all(client.data_to_send())
+    await trio.sleep(0.1)  # stream 3 is cancelled as its write waits
+    client.send_headers(5, [*request, (":path", "/head-only")], end_stream=True)
+    await stream.send_all(client.data_to_send())
+    data_after, answered = 0, None
+    with trio.fail_after(5):
+        # The connection was not reset, and stream 3's head was not dropped either (the
+        # next head would not decode: they share HPACK's table): stream 1 goes on, and
+        # stream 5 is answered.
+        while data_after < 4 * 65536 or answered is None:
+            for event in client.receive_data(await stream.receive_some(65536)):
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == 1:
+                    data_after += len(event.data)
+                    client.acknowledge_received_data(event.flow_controlled_length, 1)
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 5:
+                    answered = dict(event.headers)[b":status"]
+            await stream.send_all(client.data_to_send())
+    assert answered == b"200"
+    await stream.aclose()
 
 
 async def _answer_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
