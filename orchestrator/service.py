@@ -286,9 +286,12 @@ class Orchestrator:
               elapsed_ms=round(elapsed * 1000, 1))
 
 
-#: Why a journey was cancelled when trio does not say: the service cannot tell the
-#: client's leaving (its HTTP handler's scope) from the gateway stopping (a nursery's).
+#: Why a journey was cancelled when nothing says more: an explicit cancel is the
+#: client's leaving (its HTTP handler's scope) or the gateway stopping (a nursery's),
+#: which the service cannot tell apart.
 _CANCELLED = "the client left or the gateway is stopping"
+#: ... and when a deadline its caller set around it passed (``move_on_after``, ...).
+_CALLER_DEADLINE = "a deadline its caller set passed"
 
 
 def _log_cancelled(journey: Journey, what: str, cancelled: trio.Cancelled | None = None) -> None:
@@ -299,8 +302,10 @@ def _log_cancelled(journey: Journey, what: str, cancelled: trio.Cancelled | None
         return
     elapsed = trio.current_time() - journey.started
     attempts = journey.network_attempts
-    # trio 0.31+ tells why a scope was cancelled, when the canceller said.
-    why = getattr(cancelled, "reason", None) or _CANCELLED
+    # Recent trio says what cancelled it (getattr: older versions do not): a reason,
+    # if the canceller gave one, and whether it was a deadline.
+    why = getattr(cancelled, "reason", None) or (
+        _CALLER_DEADLINE if getattr(cancelled, "source", None) == "deadline" else _CANCELLED)
     event(INFO, journey.request_id, "cancelled",
           f"{what} cancelled after {elapsed:.3f}s and {attempts} attempt{'s' if attempts != 1 else ''}: {why}",
           provider=journey.provider, attempts=attempts, elapsed_ms=round(elapsed * 1000, 1), reason=why)

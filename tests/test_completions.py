@@ -225,4 +225,4 @@ async def test_a_caller_cancelling_during_a_backoff_ends_the_journey_with_a_line
     journey = [record for record in caplog.records if getattr(record, "request_id", None) == "waiter-1"]
     assert [record.event for record in journey[-2:]] == ["backoff", "cancelled"]
     assert journey[-1].fields["attempts"] == 1 and journey[-1].levelno == logging.INFO
-    assert "1 attempt:" in journey[-1].getMessage()
+    assert "1 attempt: a deadline its caller set passed" in journey[-1].getMessage()
