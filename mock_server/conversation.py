@@ -97,7 +97,10 @@ def reply_for(prompt: str) -> str:
 
 def complete(request: ChatRequest) -> Completion:
     """Generate the completion for ``request`` (see the module docstring)."""
-    pieces = _remainder(request.prompt, request.prefill)
+    if len(request.prompt) <= _REMEMBERED_PROMPT:
+        pieces = _remainder(request.prompt, request.prefill)
+    else:
+        pieces = _remainder.__wrapped__(request.prompt, request.prefill)
     finish = Finish.STOP
     if request.max_tokens is not None and len(pieces) > request.max_tokens:
         pieces = pieces[: request.max_tokens]
@@ -105,9 +108,13 @@ def complete(request: ChatRequest) -> Completion:
     return Completion(pieces, finish, request.prompt_tokens)
 
 
+#: Longest prompt whose reply is remembered: 256 of them are 1 MiB at most.
+_REMEMBERED_PROMPT = 4096
+
+
 # A benchmark asks the same question thousands of times a second, and hashing and
 # tokenizing it again each time was a tenth of the mock's CPU per answer: CPU it takes
-# from the gateway it shares the machine with. Bounded, as prompts may be large.
+# from the gateway it shares the machine with.
 @functools.lru_cache(maxsize=256)
 def _remainder(prompt: str, prefill: str | None) -> tuple[str, ...]:
     """The tokens of the reply to ``prompt`` that follow ``prefill``, when it is a prefix."""
