@@ -312,6 +312,20 @@ def test_tool_call_arguments_that_are_no_json_object_are_refused(arguments: str)
         translate(body)
 
 
+def test_tool_call_arguments_nested_deeper_than_can_be_written_are_refused() -> None:
+    # The arguments are a JSON string, which validation does not walk: parsed into the
+    # tool_use input, 400 levels read but do not write (orjson writes 254), which was
+    # an unexpected TypeError, logged with its traceback on every such request.
+    arguments = '{"a": ' * 400 + "1" + "}" * 400
+    body = chat(
+        user("Weather?"),
+        assistant(None, tool_calls=[tool_call("call_1", "get_weather", arguments)]),
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+    )
+    with pytest.raises(UnsupportedRequest, match="deeper than can be forwarded"):
+        ADAPTER.request(body, stream=False)
+
+
 def test_a_tool_call_without_id_is_refused() -> None:
     call = tool_call("call_1", "get_weather", "{}")
     del call["id"]
