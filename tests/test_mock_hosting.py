@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -323,46 +324,50 @@ async def test_a_client_that_reads_nothing_of_its_answer_is_reset_after_the_send
             pass
 
 
+async def shutdown_time(before_shutdown: Callable[[trio.SocketStream, trio.Event], Awaitable[None]],
+                        **serve_options: Any) -> float:
+    """How long a server of :func:`endless_app` takes to shut down, its client reading
+    nothing of the answer, once ``before_shutdown(stream, left)`` has returned (``left``:
+    the app was told its client left)."""
+    sending, left = trio.Event(), trio.Event()
+    shutdown = trio.Event()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            [url] = await nursery.start(partial(serve, endless_app(sending, left), shutdown_trigger=shutdown.wait,
+                                                **serve_options))
+            stream = await not_reading_client(url)
+            await sending.wait()
+            await before_shutdown(stream, left)
+            shutdown.set()
+            started = trio.current_time()
+    elapsed = trio.current_time() - started
+    await stream.aclose()
+    return elapsed
+
+
 @pytest.mark.parametrize("leaving", ["reads-nothing", "resets"])
 async def test_a_connection_whose_writes_find_the_client_gone_ends_with_a_request_pipelined_behind(leaving):
     # The write that finds the client gone tells the protocol before it cancels the
     # request that is writing: cancelled first, the protocol's clean-up stopped halfway
     # and the pipelined request's wait for the cycle's end was never woken (the
     # connection stayed, and a shutdown waited its whole grace period for it).
-    sending, left = trio.Event(), trio.Event()
-    shutdown = trio.Event()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            [url] = await nursery.start(partial(serve, endless_app(sending, left), send_timeout=0.3,
-                                                graceful_timeout=10, shutdown_trigger=shutdown.wait))
-            stream = await not_reading_client(url)
-            await stream.send_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")  # pipelined
-            await sending.wait()
-            if leaving == "resets":
-                await stream.receive_some(65536)
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                await stream.aclose()
-            await left.wait()
-            shutdown.set()
-            started = trio.current_time()
-    assert trio.current_time() - started < 2  # not the 10 s grace period
-    await stream.aclose()
+    async def client_leaves(stream: trio.SocketStream, left: trio.Event) -> None:
+        await stream.send_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")  # pipelined
+        if leaving == "resets":
+            await stream.receive_some(65536)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+        await left.wait()
+
+    assert await shutdown_time(client_leaves, send_timeout=0.3, graceful_timeout=10) < 2  # not the grace period
 
 
 async def test_a_write_waiting_for_a_client_that_reads_nothing_ends_with_the_grace_period():
     # A second signal (or the grace period's end) stopped nothing while a write waited.
-    sending, left = trio.Event(), trio.Event()
-    shutdown = trio.Event()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            [url] = await nursery.start(partial(serve, endless_app(sending, left), graceful_timeout=0.2,
-                                                send_timeout=60, shutdown_trigger=shutdown.wait))
-            stream = await not_reading_client(url)
-            await sending.wait()
-            shutdown.set()
-            started = trio.current_time()
-    assert trio.current_time() - started < 2  # not the 60 s send timeout
-    await stream.aclose()
+    async def nothing(stream: trio.SocketStream, left: trio.Event) -> None:
+        pass
+
+    assert await shutdown_time(nothing, send_timeout=60, graceful_timeout=0.2) < 2  # not the send timeout
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
